@@ -1,0 +1,35 @@
+"""rayhooks: TensorFlow's MonitoredTrainingSession hooks, on Ray workers.
+
+    import rayhooks as rh
+
+The hook classes keep `tf.compat.v1.train`'s names, signatures, defaults and
+error messages; see the README for the TF1 -> rayhooks mapping.
+"""
+
+from rayhooks.basic_hooks import (LoggingTensorHook, NanLossDuringTrainingError, NanTensorHook,
+                                  StepCounterHook, StopAtStepHook)
+from rayhooks.checkpoint_hooks import AsyncCheckpointSaverHook, CheckpointSaverHook, CheckpointSaverListener
+from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, RetentionPolicy
+from rayhooks.coordinator import Coordinator
+from rayhooks.handle import SessionHandle
+from rayhooks.monitored_session import MonitoredSession, MonitoredTrainingSession
+from rayhooks.savers import NumpySaver, Snapshot, TrackableSaver
+from rayhooks.scaffold import Scaffold
+from rayhooks.session_run_hook import (GLOBAL_STEP, SessionRunArgs, SessionRunContext, SessionRunHook,
+                                       SessionRunValues)
+from rayhooks.storage import RetryPolicy, Storage
+from rayhooks.summary_hook import SummarySaverHook
+from rayhooks.summary_writer import SummaryWriter, SummaryWriterCache
+from rayhooks.timer import ManualClock, NeverTriggerTimer, SecondOrStepTimer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncCheckpointSaverHook", "CheckpointInfo", "CheckpointSaverHook", "CheckpointSaverListener",
+    "CheckpointStore", "Coordinator", "GLOBAL_STEP", "LoggingTensorHook", "ManualClock",
+    "MonitoredSession", "MonitoredTrainingSession", "NanLossDuringTrainingError", "NanTensorHook",
+    "NeverTriggerTimer", "NumpySaver", "RetentionPolicy", "RetryPolicy", "Scaffold",
+    "SecondOrStepTimer", "SessionHandle", "SessionRunArgs", "SessionRunContext", "SessionRunHook",
+    "SessionRunValues", "Snapshot", "StepCounterHook", "StopAtStepHook", "Storage", "SummarySaverHook",
+    "SummaryWriter", "SummaryWriterCache", "TrackableSaver",
+]

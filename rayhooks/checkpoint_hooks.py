@@ -1,0 +1,267 @@
+"""`CheckpointSaverHook`, `AsyncCheckpointSaverHook` and `CheckpointSaverListener`.
+
+One save, as both hooks run it:
+
+    listeners.before_save(session, S)
+    snapshot = saver.snapshot()          # the only part the loop waits for (async)
+    background: write data files, write manifest, rewrite `checkpoint`, retention
+    listeners.after_save(session, S)     # only once S is committed
+
+`CheckpointSaverHook` keeps TF1's blocking meaning: the run that triggers a
+save returns after S is committed and `after_save` ran. `AsyncCheckpointSaverHook`
+returns right after the snapshot; `after_save` runs at the first run that ends
+after S is committed (or at `end`), in the training thread, and a stop it
+requests is honoured. Where TF1's async hook read variables while training
+moved on, the snapshot here is consistent: it holds the state after step S.
+"""
+
+import logging
+import time
+
+from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
+from rayhooks.savers import as_saver
+from rayhooks.session_run_hook import SessionRunHook
+from rayhooks.storage import Storage
+from rayhooks.summary_writer import SummaryWriterCache
+from rayhooks.timer import SecondOrStepTimer
+from rayhooks.writer import BackgroundWriter
+
+logger = logging.getLogger("rayhooks")
+
+
+class CheckpointSaverListener:
+    """Callbacks around each save of a checkpoint hook. Every method is optional.
+
+    `after_save` may return True to request a stop; the run then stops after
+    the current step, on every worker, and `end` hooks run as usual.
+    """
+
+    def begin(self):
+        pass
+
+    def before_save(self, session, global_step_value):
+        pass
+
+    def after_save(self, session, global_step_value):
+        pass
+
+    def end(self, session, global_step_value):
+        pass
+
+
+class CheckpointSaverHook(SessionRunHook):
+    """Saves checkpoints every N steps or seconds; TF1's signature, any fsspec URL.
+
+    rayhooks' keyword-only extras: `max_to_keep` and
+    `keep_checkpoint_every_n_hours` (retention, as `tf.train.CheckpointManager`),
+    `storage_options` (for fsspec), `retry` (a `RetryPolicy`) and `clock`.
+    """
+
+    _what = "checkpoint save"
+
+    def __init__(self, checkpoint_dir, save_secs=None, save_steps=None, saver=None,
+                 checkpoint_basename="model.ckpt", scaffold=None, listeners=None, save_graph_def=True,
+                 *, max_to_keep=5, keep_checkpoint_every_n_hours=None, storage_options=None,
+                 retry=None, clock=None):
+        logger.info("Create %s.", type(self).__name__)
+        if saver is not None and scaffold is not None:
+            raise ValueError("You cannot provide both saver and scaffold.")
+        self._saver = as_saver(saver)
+        self._scaffold = scaffold
+        self._checkpoint_dir = checkpoint_dir
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
+        self._listeners = list(listeners or [])
+        self._save_graph_def = save_graph_def
+        self._steps_per_run = 1
+        self.store = CheckpointStore(Storage(checkpoint_dir, storage_options, retry), checkpoint_basename,
+                                     RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours))
+        self._save_path = self.store.storage.url_of(checkpoint_basename)
+        self._writer = None
+        self._summary_writer = None
+        self._graph_written = False
+        self.last_stall_secs = None
+
+    def _set_steps_per_run(self, steps_per_run):
+        self._steps_per_run = steps_per_run
+
+    def begin(self):
+        self.store.storage.check_writable()
+        self._writer = self._new_writer()
+        self._summary_writer = SummaryWriterCache.get(self._checkpoint_dir, self.store.storage.storage_options)
+        for listener in self._listeners:
+            listener.begin()
+
+    def _new_writer(self):
+        return BackgroundWriter(self._what)
+
+    def _get_saver(self, session):
+        saver = self._saver
+        if saver is None and self._scaffold is not None:
+            saver = as_saver(self._scaffold.saver)
+        if saver is None:
+            saver = session.saver
+        if saver is None:
+            raise ValueError("%s has nothing to save: pass state= to the session, or saver= to the hook"
+                             % self._checkpoint_dir)
+        return saver
+
+    def after_create_session(self, session, coord):
+        step = session.global_step
+        self._save(session, step)
+        self._timer.update_last_triggered_step(step)
+
+    def after_run(self, run_context, run_values):
+        if self._save_graph_def and not self._graph_written:
+            self._graph_written = True
+            self._write_graph(run_context.original_args.fetches)
+        step = run_context.session.global_step
+        if self._timer.should_trigger_for_step(step):
+            self._timer.update_last_triggered_step(step)
+            if self._save(run_context.session, step):
+                run_context.request_stop()
+
+    def end(self, session):
+        last_step = session.global_step
+        if last_step != self._timer.last_triggered_step():
+            self._save(session, last_step)
+        self._writer.close()
+        for listener in self._listeners:
+            listener.end(session, last_step)
+
+    # -- one save --------------------------------------------------------------
+
+    def _snapshot_and_submit(self, session, step, wait):
+        """before_save, snapshot, hand to the writer; returns the future, or None if skipped."""
+        writer = self._writer
+        writer.raise_if_failed()
+        estimate = getattr(self, "_last_nbytes", 0)
+        if not writer.admit(estimate, wait=wait):
+            return None
+        try:
+            logger.info("[step=%d] Calling checkpoint listeners before saving checkpoint %d...", step, step)
+            for listener in self._listeners:
+                listener.before_save(session, step)
+            started = time.perf_counter()
+            snapshot = self._get_saver(session).snapshot()
+            self.last_stall_secs = time.perf_counter() - started
+        except BaseException:
+            writer.release(estimate)
+            raise
+        self._last_nbytes = snapshot.nbytes
+        store = self.store
+
+        def persist_and_commit():
+            began = time.perf_counter()
+            try:
+                files = store.write_data(step, snapshot.tensors)
+                info = store.commit(step, files)
+            finally:
+                snapshot.done()
+            logger.info("[step=%d] Saved checkpoint %s (%.1f MB) in %.2fs; the training loop waited %.1f ms.",
+                        step, info.url, info.nbytes / 1e6, time.perf_counter() - began,
+                        1e3 * self.last_stall_secs)
+            return info
+
+        return writer.submit(step, estimate, persist_and_commit)
+
+    def _save(self, session, step):
+        """Saves `step` and waits until it is committed; True if a listener asked to stop."""
+        logger.info("[step=%d] Saving checkpoints for %d into %s.", step, step, self._save_path)
+        future = self._snapshot_and_submit(session, step, wait=True)
+        try:
+            info = future.result()
+        except BaseException:
+            self._writer.raise_if_failed()
+            raise
+        self._writer.completed.clear()
+        return self._after_commit(session, step, info)
+
+    def _after_commit(self, session, step, info):
+        session.latest_checkpoint = info.url
+        self._summary_writer.add_session_log("CHECKPOINT", step, checkpoint_path=self._save_path)
+        logger.info("[step=%d] Calling checkpoint listeners after saving checkpoint %d...", step, step)
+        should_stop = False
+        for listener in self._listeners:
+            if listener.after_save(session, step):
+                logger.info("[step=%d] A CheckpointSaverListener requested that training be stopped. "
+                            "listener: %s", step, listener)
+                should_stop = True
+        return should_stop
+
+    def _write_graph(self, step_fn):
+        from rayhooks import graphs
+        graphs.write_step_graph(step_fn, self.store.storage, self._summary_writer)
+
+
+class AsyncCheckpointSaverHook(CheckpointSaverHook):
+    """Saves checkpoints in the background; the loop waits only for the host copy.
+
+    Same arguments as `CheckpointSaverHook`, plus keyword-only:
+      in_flight: "skip" (TF1's behaviour: a save that finds the previous one
+        still being written is skipped, logged and counted in `skipped_saves`)
+        or "wait" (the loop waits for room).
+      max_in_flight: snapshots held in memory at once (default 1).
+      max_in_flight_bytes: byte budget for those snapshots (default: no limit
+        beyond `max_in_flight`).
+    """
+
+    _what = "asynchronous checkpoint save"
+
+    def __init__(self, checkpoint_dir, save_secs=None, save_steps=None, saver=None,
+                 checkpoint_basename="model.ckpt", scaffold=None, listeners=None, save_graph_def=True,
+                 *, in_flight="skip", max_in_flight=1, max_in_flight_bytes=None, **kwargs):
+        if in_flight not in ("skip", "wait"):
+            raise ValueError("in_flight must be 'skip' (TF1's behaviour) or 'wait', got %r" % (in_flight,))
+        super().__init__(checkpoint_dir, save_secs, save_steps, saver, checkpoint_basename, scaffold,
+                         listeners, save_graph_def, **kwargs)
+        self._in_flight = in_flight
+        self._max_in_flight = max_in_flight
+        self._max_in_flight_bytes = max_in_flight_bytes
+        self._last_checkpoint_step = None
+        self.skipped_saves = 0
+        self._session = None
+        BackgroundWriter("check", max_in_flight, max_in_flight_bytes)  # validates now, not at begin()
+
+    def _new_writer(self):
+        return BackgroundWriter(self._what, self._max_in_flight, self._max_in_flight_bytes)
+
+    def after_create_session(self, session, coord):
+        self._session = session
+        super().after_create_session(session, coord)
+
+    def after_run(self, run_context, run_values):
+        if self._writer.completed and self._dispatch_completed(run_context.session):
+            run_context.request_stop()
+        super().after_run(run_context, run_values)
+
+    def _save(self, session, step):
+        if self._dispatch_completed(session):
+            return True
+        future = self._snapshot_and_submit(session, step, wait=self._in_flight == "wait")
+        if future is None:
+            self.skipped_saves += 1
+            logger.info("[step=%d] Saver thread still in progress, skipping checkpoint (%d skipped so far).",
+                        step, self.skipped_saves)
+            return False
+        self._last_checkpoint_step = step
+        return False
+
+    def _dispatch_completed(self, session):
+        """Runs after_save for every checkpoint committed since the last call."""
+        self._writer.raise_if_failed()
+        should_stop = False
+        completed = self._writer.completed
+        while completed:
+            step, info = completed.popleft()
+            should_stop = self._after_commit(session, step, info) or should_stop
+        return should_stop
+
+    def end(self, session):
+        self._writer.wait_idle()
+        self._dispatch_completed(session)
+        last_step = session.global_step
+        if last_step != self._last_checkpoint_step:
+            CheckpointSaverHook._save(self, session, last_step)
+        self._writer.close()
+        for listener in self._listeners:
+            listener.end(session, last_step)

@@ -1,0 +1,295 @@
+"""Checkpoints on storage: write, commit, list, verify, restore, retain.
+
+The commit protocol (DESIGN I2, "never a torn latest"):
+
+    write prefix.data-00000-of-00001 and prefix.index    # any order, retried
+    write prefix.manifest.json                            # the commit point
+    rewrite `checkpoint` (TF's state file)                # names committed ones only
+    delete what retention drops: manifest first, then data
+
+A checkpoint is committed exactly when its manifest exists: object stores
+have no atomic rename, but a single object is written whole or not at all.
+The manifest records each file's size and crc32c, so restore can prove what
+it reads. Everything without a manifest is a partial: readers never see it,
+and `collect_partials` deletes the ones older than the newest commit.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import re
+import time
+from typing import Dict, List, Optional
+
+import google_crc32c
+
+from rayhooks.formats import bundle, state_file
+from rayhooks.storage import Storage
+
+logger = logging.getLogger("rayhooks")
+
+STATE_FILE = "checkpoint"
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_FORMAT = "rayhooks.checkpoint/1"
+_CHUNK = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint, as its manifest describes it."""
+
+    step: int
+    prefix: str          # e.g. "model.ckpt-100", relative to the directory
+    url: str             # the full prefix URL, what TF calls the checkpoint path
+    files: Dict[str, dict]
+    timestamp: float
+    preserved: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+
+class RetentionPolicy:
+    """Which committed checkpoints to keep, like `tf.train.CheckpointManager`."""
+
+    def __init__(self, max_to_keep: Optional[int] = 5, keep_checkpoint_every_n_hours: Optional[float] = None):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError("max_to_keep must be >= 1 or None (keep all), got %r" % (max_to_keep,))
+        self.max_to_keep = max_to_keep
+        self.keep_every_secs = None if keep_checkpoint_every_n_hours is None else keep_checkpoint_every_n_hours * 3600
+
+    def split(self, infos: List[CheckpointInfo], last_preserved: float):
+        """Returns (kept, preserved_forever, dropped, new last_preserved); infos sorted by step."""
+        if self.max_to_keep is None or len(infos) <= self.max_to_keep:
+            return infos, [], [], last_preserved
+        cut = len(infos) - self.max_to_keep
+        kept, preserved, dropped = infos[cut:], [], []
+        for info in infos[:cut]:
+            if self.keep_every_secs is not None and info.timestamp - last_preserved >= self.keep_every_secs:
+                preserved.append(info)
+                last_preserved = info.timestamp
+            else:
+                dropped.append(info)
+        return kept, preserved, dropped, last_preserved
+
+
+class CheckpointStore:
+    """The checkpoints under one directory URL. Constructing one does no I/O."""
+
+    def __init__(self, storage: Storage, basename: str = "model.ckpt",
+                 retention: Optional[RetentionPolicy] = None, clock=time.time):
+        self.storage = storage
+        self.basename = basename
+        self.retention = retention or RetentionPolicy()
+        self._clock = clock
+        self._pattern = re.compile(re.escape(basename) + r"-(\d+)(\..*)$")
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def prefix_for(self, step: int) -> str:
+        return "%s-%d" % (self.basename, step)
+
+    # -- writing --------------------------------------------------------------
+
+    def write_data(self, step: int, tensors) -> Dict[str, dict]:
+        """Persists the tensors of `step` as one TF bundle; returns per-file size and crc32c."""
+        prefix = self.prefix_for(step)
+        data_name = bundle.data_filename(prefix)
+        index_name = bundle.index_filename(prefix)
+
+        def produce(fileobj):
+            index = io.BytesIO()
+            stats = _write(fileobj, index, tensors)
+            return index.getvalue(), stats
+
+        index_bytes, stats = self.storage.write_with(data_name, produce)
+        self.storage.write_bytes(index_name, index_bytes)
+        return {data_name: {"bytes": stats["data_bytes"], "crc32c": stats["data_crc32c"]},
+                index_name: {"bytes": stats["index_bytes"], "crc32c": stats["index_crc32c"]}}
+
+    def commit(self, step: int, files: Dict[str, dict], extra: Optional[dict] = None) -> CheckpointInfo:
+        """Makes `step` the latest checkpoint, then applies retention."""
+        prefix = self.prefix_for(step)
+        now = self._clock()
+        manifest = {"format": MANIFEST_FORMAT, "step": int(step), "prefix": prefix,
+                    "timestamp": now, "files": files}
+        if extra:
+            manifest.update(extra)
+        self.storage.write_bytes(prefix + MANIFEST_SUFFIX, json.dumps(manifest, indent=1).encode())
+        info = CheckpointInfo(step, prefix, self.storage.url_of(prefix), files, now)
+        self._retain(info)
+        return info
+
+    def _retain(self, newest: CheckpointInfo) -> None:
+        infos = [i for i in self.committed() if not i.preserved]
+        old = self._read_state()
+        last_preserved = old.last_preserved_timestamp if old and old.last_preserved_timestamp else \
+            (infos[0].timestamp if infos else newest.timestamp)
+        kept, preserved, dropped, last_preserved = self.retention.split(infos, last_preserved)
+        for info in preserved:  # kept forever, and off the list, as CheckpointManager does
+            manifest = json.loads(self.storage.read_bytes(info.prefix + MANIFEST_SUFFIX))
+            manifest["preserved"] = True
+            self.storage.write_bytes(info.prefix + MANIFEST_SUFFIX, json.dumps(manifest, indent=1).encode())
+        state = state_file.CheckpointState(
+            model_checkpoint_path=kept[-1].prefix,
+            all_model_checkpoint_paths=[i.prefix for i in kept],
+            all_model_checkpoint_timestamps=[i.timestamp for i in kept],
+            last_preserved_timestamp=last_preserved)
+        self.storage.write_bytes(STATE_FILE, state_file.format_state(state).encode())
+        for info in dropped:  # the manifest goes first: a half-deleted checkpoint is then a partial
+            self.storage.delete([info.prefix + MANIFEST_SUFFIX])
+            self.storage.delete(sorted(info.files))
+        self.collect_partials()
+
+    # -- reading --------------------------------------------------------------
+
+    def committed(self) -> List[CheckpointInfo]:
+        """Committed checkpoints, oldest first. Unreadable manifests are skipped with a warning."""
+        out = []
+        for name in self.storage.listdir():
+            if not name.endswith(MANIFEST_SUFFIX):
+                continue
+            m = self._pattern.fullmatch(name)
+            if not m:
+                continue
+            try:
+                manifest = json.loads(self.storage.read_bytes(name))
+                if manifest.get("format") != MANIFEST_FORMAT:
+                    raise ValueError("format %r" % manifest.get("format"))
+                out.append(CheckpointInfo(int(manifest["step"]), manifest["prefix"],
+                                          self.storage.url_of(manifest["prefix"]),
+                                          dict(manifest["files"]), float(manifest["timestamp"]),
+                                          bool(manifest.get("preserved", False))))
+            except FileNotFoundError:
+                continue  # deleted by retention between list and read
+            except (ValueError, KeyError, TypeError) as e:
+                logger.warning("ignoring malformed manifest %s: %s", self.storage.url_of(name), e)
+        return sorted(out, key=lambda i: i.step)
+
+    def latest(self) -> Optional[CheckpointInfo]:
+        infos = self.committed()
+        return infos[-1] if infos else None
+
+    def get(self, step: int) -> Optional[CheckpointInfo]:
+        for info in self.committed():
+            if info.step == step:
+                return info
+        return None
+
+    def _read_state(self):
+        try:
+            text = self.storage.read_bytes(STATE_FILE).decode()
+        except FileNotFoundError:
+            return None
+        try:
+            return state_file.parse_state(text, self.storage.url_of(STATE_FILE))
+        except ValueError as e:
+            logger.warning("%s; it will be rewritten at the next commit", e)
+            return None
+
+    def partials(self) -> List[str]:
+        """Files of this basename that belong to no committed checkpoint."""
+        committed = {i.prefix for i in self.committed()}
+        out = []
+        for name in self.storage.listdir():
+            m = self._pattern.fullmatch(name)
+            if m and "%s-%s" % (self.basename, m.group(1)) not in committed:
+                out.append(name)
+            elif ".tmp-" in name and name.startswith(self.basename):
+                out.append(name)
+        return out
+
+    def collect_partials(self) -> List[str]:
+        """Deletes partial files of steps older than the newest commit (newer ones may be in flight)."""
+        latest = self.latest()
+        if latest is None:
+            return []
+        doomed = []
+        for name in self.partials():
+            m = self._pattern.fullmatch(name)
+            if m and int(m.group(1)) < latest.step:
+                doomed.append(name)
+        self.storage.delete(doomed)
+        return doomed
+
+    # -- verification and restore ---------------------------------------------
+
+    def verify(self, info: CheckpointInfo) -> List[str]:
+        """Returns the problems found in `info`'s files (empty when every checksum matches)."""
+        problems = []
+        for name, meta in sorted(info.files.items()):
+            try:
+                crc, size = self._checksum(name)
+            except FileNotFoundError:
+                problems.append("%s is missing" % self.storage.url_of(name))
+                continue
+            if size != meta["bytes"] or crc != meta["crc32c"]:
+                problems.append("%s: expected %d bytes crc32c %08x, found %d bytes crc32c %08x"
+                                % (self.storage.url_of(name), meta["bytes"], meta["crc32c"], size, crc))
+        return problems
+
+    def _checksum(self, name):
+        crc, size = google_crc32c.Checksum(), 0
+        with self.storage.open_read(name) as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                crc.update(chunk)
+                size += len(chunk)
+        return int.from_bytes(crc.digest(), "big"), size
+
+    def reader(self, info: CheckpointInfo) -> "CheckpointReader":
+        return CheckpointReader(self.storage, info)
+
+    def restore_latest(self, saver, verify: bool = True) -> Optional[CheckpointInfo]:
+        """Restores the newest checkpoint that verifies; falls back to older ones with a warning."""
+        for info in reversed(self.committed()):
+            problems = self.verify(info) if verify else []
+            if problems:
+                logger.warning("[step=%d] checkpoint %s is damaged (%s); falling back to the previous one",
+                               info.step, info.url, "; ".join(problems))
+                continue
+            saver.restore(self.reader(info))
+            return info
+        return None
+
+
+class CheckpointReader:
+    """Read access to one committed checkpoint, handed to `saver.restore`."""
+
+    def __init__(self, storage: Storage, info: CheckpointInfo):
+        self.storage = storage
+        self.info = info
+
+    @property
+    def url(self) -> str:
+        return self.info.url
+
+    @property
+    def step(self) -> int:
+        return self.info.step
+
+    def read_tensors(self, keys=None) -> dict:
+        index = self.storage.read_bytes(bundle.index_filename(self.info.prefix))
+        with self.storage.open_read(bundle.data_filename(self.info.prefix)) as data:
+            return bundle.read_bundle(index, data, keys=keys)
+
+    @contextlib.contextmanager
+    def local_prefix(self):
+        """A local path prefix TF can read (downloads first for a remote URL)."""
+        from rayhooks.savers import staged_locally
+        with staged_locally(self.storage, sorted(self.info.files)) as local_dir:
+            yield "%s/%s" % (local_dir, self.info.prefix)
+
+
+def _write(data_file, index_file, tensors):
+    writer = bundle.BundleWriter(data_file, index_file)
+    for key, value in tensors.items():
+        writer.add(key, value)
+    return writer.finish()

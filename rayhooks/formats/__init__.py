@@ -1,0 +1,1 @@
+"""Serialisation formats used by rayhooks (TensorBoard event files and summaries)."""

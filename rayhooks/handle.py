@@ -1,0 +1,112 @@
+"""`SessionHandle`: what hooks and listeners receive as `session`.
+
+In TF1 this was a `tf.Session`. In TF2 there is no session, so rayhooks hands
+over a small, picklable handle with what hooks actually used the session for:
+
+==================  ==========================================================
+`global_step`       the step (int); after a run it counts that run
+`checkpoint_dir`    URL of the checkpoint directory, or None
+`summary_dir`       URL of the summary directory, or None
+`latest_checkpoint` URL prefix of the newest committed checkpoint, or None
+`is_chief`          True on the process that runs chief-only hooks
+`worker_index`      this worker's index (0 in local mode)
+`num_workers`       workers in the run (1 in local mode)
+`alive_workers`     indexes of the workers the chief hears from
+`run(fetches)`      resolves fetches as `SessionRunArgs` do, against the last
+                    step's outputs (TF1 hooks call `session.run` in `end`)
+`restore(...)`      loads a committed checkpoint into the run's state, or into
+                    other objects (an evaluation copy of the model, say)
+==================  ==========================================================
+"""
+
+from typing import Optional
+
+from rayhooks.session_run_hook import GLOBAL_STEP
+
+
+def resolve_fetches(fetches, outputs, stale_step):
+    """The values of `fetches` (see `rayhooks.session_run_hook`) given a step's outputs."""
+    if fetches is None:
+        return None
+    if isinstance(fetches, str):
+        if fetches == GLOBAL_STEP and GLOBAL_STEP not in outputs:
+            return stale_step
+        try:
+            return outputs[fetches]
+        except KeyError:
+            raise KeyError("fetch %r is not an output of the step; the step returned %s. Return a dict "
+                           "from your step function whose keys name the values hooks fetch."
+                           % (fetches, sorted(outputs) or "nothing")) from None
+    if isinstance(fetches, dict):
+        return {k: resolve_fetches(v, outputs, stale_step) for k, v in fetches.items()}
+    if isinstance(fetches, (list, tuple)):
+        return type(fetches)(resolve_fetches(v, outputs, stale_step) for v in fetches)
+    if hasattr(fetches, "numpy"):
+        return fetches.numpy()
+    if callable(fetches):
+        return fetches()
+    return fetches
+
+
+def as_outputs(result) -> dict:
+    """A step's return value as named outputs: a dict as is, anything else as 'output'."""
+    if result is None:
+        return {}
+    if isinstance(result, dict):
+        return result
+    return {"output": result}
+
+
+class SessionHandle:
+    """The `session` of hooks and listeners. Picklable: live objects stay behind."""
+
+    def __init__(self, checkpoint_dir=None, summary_dir=None, is_chief=True, worker_index=0,
+                 num_workers=1, saver=None, store=None):
+        self.global_step = 0
+        self.checkpoint_dir = checkpoint_dir
+        self.summary_dir = summary_dir
+        self.is_chief = is_chief
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.alive_workers = list(range(num_workers))
+        self.latest_checkpoint: Optional[str] = None
+        self.outputs = {}
+        self.saver = saver
+        self._store = store
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["saver"] = None
+        state["outputs"] = {}
+        return state
+
+    def __repr__(self):
+        return "SessionHandle(global_step=%d, checkpoint_dir=%r, worker_index=%d/%d)" % (
+            self.global_step, self.checkpoint_dir, self.worker_index, self.num_workers)
+
+    def run(self, fetches):
+        return resolve_fetches(fetches, self.outputs, self.global_step)
+
+    def restore(self, checkpoint=None, into=None):
+        """Restores a committed checkpoint; returns its step.
+
+        `checkpoint` is a step number, a checkpoint URL prefix, or None for the
+        latest. `into` is what to load into (a `tf.train.Checkpoint`, trackables
+        or a dict of numpy arrays); by default the run's own state.
+        """
+        from rayhooks.savers import as_saver
+        if self._store is None:
+            raise ValueError("this session has no checkpoint_dir, so there is nothing to restore")
+        infos = self._store.committed()
+        if checkpoint is None:
+            chosen = infos[-1] if infos else None
+        else:
+            chosen = next((i for i in infos if checkpoint in (i.step, i.url, i.prefix)), None)
+        if chosen is None:
+            raise FileNotFoundError("%s: no committed checkpoint %s" % (
+                self.checkpoint_dir, "yet" if checkpoint is None else repr(checkpoint)))
+        saver = as_saver(into) if into is not None else self.saver
+        if saver is None:
+            raise ValueError("nothing to restore into: pass into=..., or give the session state=")
+        saver.restore(self._store.reader(chosen))
+        return chosen.step

@@ -1,0 +1,253 @@
+"""`MonitoredSession` and `MonitoredTrainingSession` for TF2 step functions.
+
+    with rh.MonitoredTrainingSession(checkpoint_dir="gs://bucket/run",
+                                     state=tf.train.Checkpoint(model=model, optimizer=opt),
+                                     hooks=[rh.StopAtStepHook(last_step=1000)]) as sess:
+        while not sess.should_stop():
+            sess.run(train_step, batch)
+
+The call order of the hooks is TF1's (see `rayhooks.session_run_hook`). The
+hooks are split as in a multi-worker run: chief hooks (`chief_only_hooks`,
+then the default step-counter, summary and checkpoint hooks) run first, the
+worker `hooks` after them, exactly the order TF1's `MonitoredTrainingSession`
+builds. In local mode both lists run in this process; under `rayhooks.launch`
+the chief list runs on the chief actor.
+
+A step with no planned action does no I/O: the hooks only compare integers.
+"""
+
+import logging
+
+from rayhooks.coordinator import Coordinator
+from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
+from rayhooks.savers import as_saver
+from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+
+logger = logging.getLogger("rayhooks")
+
+USE_DEFAULT = object()
+
+
+def _overrides(hook, name):
+    return getattr(type(hook), name, None) is not getattr(SessionRunHook, name)
+
+
+def _end_of_input_types():
+    types = [StopIteration]
+    try:
+        import tensorflow as tf
+        types.append(tf.errors.OutOfRangeError)
+    except ImportError:  # rayhooks runs without TF for NumpySaver users
+        pass
+    return tuple(types)
+
+
+class MonitoredSession:
+    """Runs a step function with hooks, TF1's `MonitoredSession` contract.
+
+    Args:
+      hooks: worker hooks, run in this process on every step.
+      chief_hooks: hooks that run before the worker hooks, on the chief.
+      state: what checkpoints save and restore: a `tf.train.Checkpoint`,
+        trackables, a dict of numpy arrays, or a saver.
+      checkpoint_dir: URL restored from at creation (newest committed checkpoint).
+      global_step: a variable (such as `optimizer.iterations`) read once at
+        creation, when no checkpoint is restored, to start the step count.
+      steps_per_run: how many training steps one `run` performs; hooks see
+        the global step advance by that much per run.
+    """
+
+    def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
+                 global_step=None, steps_per_run=1, scaffold=None, restore_store=None,
+                 is_chief=True, worker_index=0, num_workers=1):
+        if steps_per_run < 1:
+            raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
+        self._hooks = list(chief_hooks or []) + list(hooks or [])
+        for hook in self._hooks:
+            if not isinstance(hook, SessionRunHook) and not hasattr(hook, "after_run"):
+                raise TypeError("hooks must be SessionRunHook instances, got %r" % (hook,))
+        self._steps_per_run = steps_per_run
+        for hook in self._hooks:
+            if hasattr(hook, "_set_steps_per_run"):
+                hook._set_steps_per_run(steps_per_run)
+        self._before = [h for h in self._hooks if _overrides(h, "before_run")]
+        self._after = [h for h in self._hooks if _overrides(h, "after_run")]
+        saver = (scaffold.saver if scaffold is not None and scaffold.saver is not None else None)
+        self.saver = as_saver(saver if saver is not None else state)
+        self.handle = SessionHandle(checkpoint_dir=checkpoint_dir, summary_dir=summary_dir,
+                                    is_chief=is_chief, worker_index=worker_index, num_workers=num_workers,
+                                    saver=self.saver, store=restore_store)
+        self.coord = Coordinator()
+        self._end_types = _end_of_input_types()
+        self._args_cache = (None, None)
+        self._should_stop = False
+        self._closed = False
+        for hook in self._hooks:
+            hook.begin()
+        self._create(global_step)
+
+    def _create(self, global_step):
+        step = None
+        store = self.handle._store
+        if store is not None and self.saver is not None:
+            info = store.restore_latest(self.saver)
+            if info is not None:
+                step = info.step
+                self.handle.latest_checkpoint = info.url
+                logger.info("[step=%d] restored %s", step, info.url)
+        if step is None and global_step is not None:
+            step = int(global_step.numpy() if hasattr(global_step, "numpy") else global_step)
+        self.handle.global_step = step or 0
+        for hook in self._hooks:
+            hook.after_create_session(self.handle, self.coord)
+
+    @property
+    def global_step(self) -> int:
+        return self.handle.global_step
+
+    def should_stop(self) -> bool:
+        return self._should_stop or self._closed or self.coord.should_stop()
+
+    def run(self, step_fn, *args, **kwargs):
+        """Runs `step_fn(*args, **kwargs)` with the hooks; returns what it returns."""
+        if self._should_stop or self._closed:
+            raise RuntimeError("Run called even after should_stop requested.")
+        handle = self.handle
+        cached_fn, original = self._args_cache
+        if cached_fn is not step_fn:
+            original = SessionRunArgs(step_fn)
+            self._args_cache = (step_fn, original)
+        context = SessionRunContext(original, handle)
+        requests = None
+        for hook in self._before:
+            request = hook.before_run(context)
+            if request is not None:
+                if request.feed_dict:
+                    raise ValueError("%s.before_run returned a feed_dict; TF2 step functions take "
+                                     "arguments instead of feeds" % type(hook).__name__)
+                if request.fetches is not None:
+                    if requests is None:
+                        requests = {}
+                    requests[hook] = request.fetches
+        stale = handle.global_step
+        result = step_fn(*args, **kwargs)
+        handle.global_step = stale + self._steps_per_run
+        if requests is None:
+            for hook in self._after:
+                hook.after_run(context, _NO_VALUES)
+        else:
+            outputs = handle.outputs = as_outputs(result)
+            for hook in self._after:
+                fetches = requests.get(hook)
+                values = _NO_VALUES if fetches is None else SessionRunValues(
+                    resolve_fetches(fetches, outputs, stale), None, None)
+                hook.after_run(context, values)
+        if context._stop_requested:
+            self._should_stop = True
+        return result
+
+    def close(self):
+        self._close(None)
+
+    def _close(self, exc_type):
+        if self._closed:
+            raise RuntimeError("Session is already closed.")
+        self._closed = True
+        if exc_type is None:
+            for hook in self._hooks:
+                hook.end(self.handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, tb):
+        if exc_type is not None and issubclass(exc_type, self._end_types):
+            exc_type = None
+        self._close(exc_type)
+        return exc_type is None
+
+
+_NO_VALUES = SessionRunValues(None, None, None)
+
+
+def MonitoredTrainingSession(master="", is_chief=True, checkpoint_dir=None, scaffold=None, hooks=None,
+                             chief_only_hooks=None, save_checkpoint_secs=USE_DEFAULT,
+                             save_summaries_steps=USE_DEFAULT, save_summaries_secs=USE_DEFAULT,
+                             config=None, stop_grace_period_secs=120, log_step_count_steps=100,
+                             max_wait_secs=7200, save_checkpoint_steps=USE_DEFAULT, summary_dir=None,
+                             save_graph_def=True, *, state=None, global_step=None, steps_per_run=1,
+                             async_checkpoint=False, max_to_keep=5, keep_checkpoint_every_n_hours=None,
+                             storage_options=None, clock=None):
+    """TF1's `MonitoredTrainingSession`, for TF2 step functions and fsspec URLs.
+
+    The TF1 arguments keep their meaning and defaults: on the chief, with a
+    `checkpoint_dir`, a `StepCounterHook` (every `log_step_count_steps`), a
+    `SummarySaverHook` (every 100 steps unless told otherwise) and a
+    `CheckpointSaverHook` (every 600 seconds unless told otherwise) are added
+    after `chief_only_hooks` and before `hooks`. `master`, `config`,
+    `stop_grace_period_secs` and `max_wait_secs` are accepted for
+    compatibility and have no TF2 meaning.
+
+    rayhooks' own keyword-only arguments: `state` (what to checkpoint),
+    `global_step` (a step variable such as `optimizer.iterations`),
+    `steps_per_run`, `async_checkpoint` (use `AsyncCheckpointSaverHook`),
+    `max_to_keep` and `keep_checkpoint_every_n_hours` (retention),
+    `storage_options` (passed to fsspec) and `clock` (for the timers).
+    """
+    from rayhooks.basic_hooks import StepCounterHook
+    from rayhooks.checkpoint_hooks import AsyncCheckpointSaverHook, CheckpointSaverHook
+    from rayhooks.scaffold import Scaffold
+    from rayhooks.summary_hook import SummarySaverHook
+
+    if save_summaries_steps is USE_DEFAULT and save_summaries_secs is USE_DEFAULT:
+        save_summaries_steps, save_summaries_secs = 100, None
+    elif save_summaries_secs is USE_DEFAULT:
+        save_summaries_secs = None
+    elif save_summaries_steps is USE_DEFAULT:
+        save_summaries_steps = None
+    if save_checkpoint_steps is USE_DEFAULT and save_checkpoint_secs is USE_DEFAULT:
+        save_checkpoint_steps, save_checkpoint_secs = None, 600
+    elif save_checkpoint_secs is USE_DEFAULT:
+        save_checkpoint_secs = None
+    elif save_checkpoint_steps is USE_DEFAULT:
+        save_checkpoint_steps = None
+    scaffold = scaffold or Scaffold()
+
+    restore_store = None
+    chief_hooks = []
+    if is_chief:
+        chief_hooks.extend(chief_only_hooks or [])
+        summary_dir = summary_dir or checkpoint_dir
+        if summary_dir:
+            if log_step_count_steps and log_step_count_steps > 0:
+                chief_hooks.append(StepCounterHook(output_dir=summary_dir, every_n_steps=log_step_count_steps,
+                                                   clock=clock, storage_options=storage_options))
+            if (save_summaries_steps and save_summaries_steps > 0) or (
+                    save_summaries_secs and save_summaries_secs > 0):
+                chief_hooks.append(SummarySaverHook(scaffold=scaffold, save_steps=save_summaries_steps,
+                                                    save_secs=save_summaries_secs, output_dir=summary_dir,
+                                                    clock=clock, storage_options=storage_options))
+        if checkpoint_dir and ((save_checkpoint_secs and save_checkpoint_secs > 0) or (
+                save_checkpoint_steps and save_checkpoint_steps > 0)):
+            kind = AsyncCheckpointSaverHook if async_checkpoint else CheckpointSaverHook
+            chief_hooks.append(kind(checkpoint_dir, save_steps=save_checkpoint_steps,
+                                    save_secs=save_checkpoint_secs, scaffold=scaffold,
+                                    save_graph_def=save_graph_def, max_to_keep=max_to_keep,
+                                    keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+                                    clock=clock, storage_options=storage_options))
+    if checkpoint_dir:
+        restore_store = _restore_store(checkpoint_dir, chief_hooks + list(hooks or []), storage_options)
+    return MonitoredSession(hooks=hooks, chief_hooks=chief_hooks, state=state, checkpoint_dir=checkpoint_dir,
+                            summary_dir=summary_dir, global_step=global_step, steps_per_run=steps_per_run,
+                            scaffold=scaffold, restore_store=restore_store, is_chief=is_chief)
+
+
+def _restore_store(checkpoint_dir, hooks, storage_options):
+    """The store to resume from: the checkpoint hook's own for that directory, if there is one."""
+    from rayhooks.checkpoints import CheckpointStore
+    from rayhooks.storage import Storage
+    for hook in hooks:
+        store = getattr(hook, "store", None)
+        if store is not None and store.url == Storage(checkpoint_dir).url:
+            return store
+    return CheckpointStore(Storage(checkpoint_dir, storage_options))

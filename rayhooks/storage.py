@@ -1,0 +1,265 @@
+"""One narrow interface over fsspec, with `str` URLs and retries.
+
+Every path is a URL string (`gs://b/run`, `s3://b/run`, `memory://run`,
+`file:///tmp/run` or a bare local path). A `pathlib.Path` would collapse the
+`//` of `gs://`, so nothing here takes one.
+
+Writes are whole-object: a file becomes visible complete or not at all. Object
+stores give that for free (an upload is finalised at close); on a local disk the
+bytes go to a temporary name in the same directory and are renamed into place.
+Transient errors (HTTP 5xx/408/429, connection resets, timeouts) are retried
+with exponential backoff; anything else is raised at once as a builtin
+exception naming the URL.
+"""
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import random
+import time
+import uuid
+from typing import Callable, Iterable, List, Optional
+
+import fsspec
+
+logger = logging.getLogger("rayhooks")
+
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                     errno.ETIMEDOUT, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors a retry can cure: server-side 5xx, throttling, dropped connections."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError, FileExistsError, ValueError, TypeError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from gcsfs.retry import HttpError, is_retriable
+        if isinstance(exc, HttpError) or is_retriable(exc):
+            return is_retriable(exc)
+    except ImportError:  # gcsfs is optional at run time for non-GCS users
+        pass
+    try:
+        import aiohttp
+        if isinstance(exc, aiohttp.ClientError):
+            return True
+    except ImportError:
+        pass
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, int) and (code >= 500 or code in (408, 429)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How transient storage errors are retried: `max_attempts` tries in all."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.2
+    max_backoff: float = 10.0
+    multiplier: float = 2.0
+
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be >= 1, got %r; use 1 to disable retries."
+                             % self.max_attempts)
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("RetryPolicy backoffs must be >= 0 seconds.")
+
+    def backoff(self, attempt: int) -> float:
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)
+        return base * (0.5 + random.random() / 2)  # jitter: workers must not retry in lockstep
+
+
+class Storage:
+    """A directory at a URL. Constructing one does no I/O."""
+
+    def __init__(self, url: str, storage_options: Optional[dict] = None,
+                 retry: Optional[RetryPolicy] = None, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Optional[Callable[[str, BaseException], None]] = None):
+        if not isinstance(url, str):
+            if isinstance(url, os.PathLike):
+                url = os.fspath(url)
+            else:
+                raise TypeError("storage URL must be a str such as 'gs://bucket/run' or '/tmp/run', got %r"
+                                % (url,))
+        self.url = url.rstrip("/") if len(url) > 1 else url
+        self.storage_options = dict(storage_options or {})
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._on_retry = on_retry
+        self._fs = None
+        self._root = None
+
+    def __repr__(self):
+        return "Storage(%r)" % self.url
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fs"] = None  # filesystems hold sockets and event loops; rebuild after pickling
+        state["_root"] = None
+        return state
+
+    # -- resolution -----------------------------------------------------------
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            try:
+                self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            except ValueError as e:
+                raise ValueError("%s: %s. Use a URL such as gs://bucket/dir, s3://bucket/dir, "
+                                 "memory://dir, file:///dir or a local path, and install the "
+                                 "fsspec implementation for its protocol." % (self.url, e)) from e
+            except ImportError as e:
+                raise ImportError("%s: the fsspec implementation for this protocol is not installed "
+                                  "(%s); pip install it (gcsfs for gs://, s3fs for s3://)."
+                                  % (self.url, e)) from e
+            self._root = self._root.rstrip("/") or self._root
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    @property
+    def local_root(self) -> Optional[str]:
+        """The directory on this machine, for a local URL; else None."""
+        return self._path("") if self.is_local else None
+
+    def _path(self, name: str) -> str:
+        fs = self.fs
+        return self._root if not name else "%s/%s" % (self._root, name)
+
+    def url_of(self, name: str = "") -> str:
+        return self.url if not name else "%s/%s" % (self.url, name)
+
+    def child(self, name: str) -> "Storage":
+        return Storage(self.url_of(name), self.storage_options, self.retry, self._sleep, self._on_retry)
+
+    # -- retries --------------------------------------------------------------
+
+    def call(self, what: str, name: str, fn: Callable, *args, **kwargs):
+        """Runs `fn`, retrying transient errors; raises with the URL in the message."""
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # classified below; non-transient ones re-raise unchanged in kind
+                attempt += 1
+                if not is_transient(exc) or attempt >= self.retry.max_attempts:
+                    raise _with_url(exc, what, self.url_of(name), attempt) from exc
+                delay = self.retry.backoff(attempt - 1)
+                logger.warning("transient error on %s %s (attempt %d/%d), retrying in %.2fs: %r",
+                               what, self.url_of(name), attempt, self.retry.max_attempts, delay, exc)
+                if self._on_retry is not None:
+                    self._on_retry(self.url_of(name), exc)
+                self._sleep(delay)
+
+    # -- operations -----------------------------------------------------------
+
+    def makedirs(self) -> None:
+        self.call("makedirs", "", self.fs.makedirs, self._path(""), exist_ok=True)
+
+    def write_with(self, name: str, producer: Callable) -> object:
+        """Creates `name` from `producer(fileobj)`, atomically; the whole write is retried.
+
+        The producer must be able to run again from the start: a retry restarts
+        the object, it never appends to a half-written one.
+        """
+        return self.call("write", name, self._write_once, name, producer)
+
+    def _write_once(self, name, producer):
+        path = self._path(name)
+        if self.is_local:
+            tmp = "%s.tmp-%s" % (path, uuid.uuid4().hex[:12])
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    result = producer(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                raise
+            return result
+        with self.fs.open(path, "wb") as f:
+            return producer(f)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.write_with(name, lambda f: f.write(data))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.call("read", name, self.fs.cat_file, self._path(name))
+
+    def open_read(self, name: str):
+        return self.call("open", name, self.fs.open, self._path(name), "rb")
+
+    def exists(self, name: str = "") -> bool:
+        return self.call("stat", name, self.fs.exists, self._path(name))
+
+    def size(self, name: str) -> int:
+        return self.call("stat", name, self.fs.size, self._path(name))
+
+    def listdir(self) -> List[str]:
+        """Names of the files directly under this directory ([] if it does not exist)."""
+        try:
+            entries = self.call("list", "", self.fs.ls, self._path(""), detail=False)
+        except FileNotFoundError:
+            return []
+        self.fs.invalidate_cache(self._path(""))
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def delete(self, names: Iterable[str]) -> None:
+        for name in names:
+            try:
+                self.call("delete", name, self.fs.rm, self._path(name))
+            except FileNotFoundError:
+                pass
+
+    def get_to_local(self, name: str, local_path: str) -> None:
+        self.call("download", name, self.fs.get_file, self._path(name), local_path)
+
+    def check_writable(self) -> None:
+        """Fails now, with the URL and a fix, if this directory cannot be written.
+
+        Called from `begin()` so that a typo in a bucket name fails the run at
+        once rather than minutes later in a background thread.
+        """
+        probe = ".rayhooks-probe-%s" % uuid.uuid4().hex[:12]
+        try:
+            self.makedirs()
+            self.write_bytes(probe, b"ok")
+            self.delete([probe])
+        except PermissionError as e:
+            raise PermissionError("%s is not writable (%s); check the credentials of this process "
+                                  "and the bucket's or directory's permissions." % (self.url, e)) from e
+        except FileNotFoundError as e:
+            raise FileNotFoundError("%s cannot be created (%s); check that the bucket exists and "
+                                    "the URL is spelled right." % (self.url, e)) from e
+        except OSError as e:
+            raise OSError("%s is not writable: %s" % (self.url, e)) from e
+
+
+def _protocols(fs) -> tuple:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _with_url(exc: BaseException, what: str, url: str, attempts: int) -> BaseException:
+    """The same kind of exception, with the URL and attempt count in its message."""
+    msg = "%s %s failed after %d attempt(s): %s" % (what, url, attempts, exc)
+    if url in str(exc):
+        msg = "%s failed after %d attempt(s): %s" % (what, attempts, exc)
+    for kind in (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                 FileExistsError, TimeoutError, ConnectionError, ValueError):
+        if isinstance(exc, kind):
+            return kind(msg)
+    return OSError(msg)

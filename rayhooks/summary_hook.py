@@ -1,0 +1,113 @@
+"""`SummarySaverHook`: TF1's summary schedule, tfevents on any fsspec URL.
+
+`summary_op` takes, besides TF1's serialized `Summary` bytes (or a tensor or
+list of them), two TF2-friendly forms:
+
+* names of step outputs, `"loss"` or `["loss", "accuracy"]`: numbers become
+  scalars, arrays histograms, strings text, and serialized `Summary` bytes are
+  written as they are;
+* a callable, called on trigger steps with the step's outputs dict (or with
+  no argument) and returning a `Summary`, bytes, or a {tag: value} dict.
+"""
+
+import inspect
+
+from tensorboard.compat.proto import summary_pb2
+
+from rayhooks.formats import summaries
+from rayhooks.session_run_hook import GLOBAL_STEP, SessionRunArgs, SessionRunHook
+from rayhooks.storage import Storage
+from rayhooks.summary_writer import SummaryWriterCache
+from rayhooks.timer import SecondOrStepTimer
+
+
+class SummarySaverHook(SessionRunHook):
+    """Saves summaries every N steps or seconds."""
+
+    def __init__(self, save_steps=None, save_secs=None, output_dir=None, summary_writer=None,
+                 scaffold=None, summary_op=None, *, clock=None, storage_options=None):
+        if (scaffold is None and summary_op is None) or (scaffold is not None and summary_op is not None):
+            raise ValueError("Exactly one of scaffold or summary_op must be provided.")
+        self._summary_op = summary_op
+        self._summary_writer = summary_writer
+        self._output_dir = output_dir
+        self._storage_options = storage_options
+        self._scaffold = scaffold
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
+
+    def begin(self):
+        if self._summary_writer is None and self._output_dir:
+            Storage(self._output_dir, self._storage_options).check_writable()
+            self._summary_writer = SummaryWriterCache.get(self._output_dir, self._storage_options)
+        self._next_step = None
+        self._ops = _normalise(self._get_summary_op())
+
+    def _get_summary_op(self):
+        if self._summary_op is not None:
+            return self._summary_op
+        return self._scaffold.summary_op
+
+    def before_run(self, run_context):
+        self._request_summary = self._next_step is None or self._timer.should_trigger_for_step(self._next_step)
+        requests = {"global_step": GLOBAL_STEP}
+        if self._request_summary and self._ops:
+            requests["summary"] = [op for op in self._ops if not callable(op) or hasattr(op, "numpy")]
+        return SessionRunArgs(requests)
+
+    def after_run(self, run_context, run_values):
+        if not self._summary_writer:
+            return
+        global_step = run_context.session.global_step
+        if self._next_step is None:
+            self._summary_writer.add_session_log("START", global_step)
+        if self._request_summary:
+            self._timer.update_last_triggered_step(global_step)
+            if self._ops:
+                fetched = iter(run_values.results["summary"])
+                outputs = run_context.session.outputs
+                for op in self._ops:
+                    if callable(op) and not hasattr(op, "numpy"):
+                        value = op(outputs) if _takes_argument(op) else op()
+                        name = getattr(op, "__name__", "summary")
+                    else:
+                        value = next(fetched)
+                        name = op if isinstance(op, str) else "summary"
+                    self._summary_writer.add_summary(_as_summary(name, value), global_step)
+        self._next_step = global_step + 1
+
+    def end(self, session=None):
+        if self._summary_writer:
+            self._summary_writer.flush()
+
+
+def _normalise(op):
+    if op is None:
+        return []
+    if isinstance(op, (list, tuple)):
+        return list(op)
+    return [op]
+
+
+def _takes_argument(fn) -> bool:
+    try:
+        return len(inspect.signature(fn).parameters) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_summary(name, value):
+    """A `Summary` from what an op produced; ValueError naming the tag if it cannot be one."""
+    if isinstance(value, summary_pb2.Summary):
+        return value
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return summaries.parse_serialized(bytes(value))
+        except ValueError:
+            return summaries.from_mapping({name: value})
+    if isinstance(value, dict):
+        return summaries.from_mapping(value)
+    if hasattr(value, "SerializeToString"):
+        return summaries.parse_serialized(value.SerializeToString())
+    return summaries.from_mapping({name: value})

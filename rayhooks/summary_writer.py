@@ -1,0 +1,177 @@
+"""A tfevents writer on any fsspec URL, buffered and flushed in the background.
+
+Records queue in memory and reach storage every `flush_secs` (TF's default,
+120 s), at `flush()` and at `close()`. On a local disk the events file is
+appended to; an object store cannot append, so there the whole file is
+uploaded again at each flush, as TF's own GCS filesystem does. A flush error
+is kept and raised at the next `add_*`, `flush` or `close` (DESIGN I6).
+"""
+
+import logging
+import os
+import tempfile
+import threading
+import time
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+
+from rayhooks.formats import events, summaries
+from rayhooks.storage import Storage
+
+logger = logging.getLogger("rayhooks")
+
+
+class SummaryWriter:
+    """Writes one events file in the directory at `url`. Constructing one does no I/O."""
+
+    def __init__(self, url, storage_options=None, flush_secs=120, clock=time.time):
+        self.storage = url if isinstance(url, Storage) else Storage(url, storage_options)
+        self.flush_secs = flush_secs
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = []
+        self._spool = None
+        self._filename = None
+        self._error = None
+        self._thread = None
+        self._closed = threading.Event()
+
+    @property
+    def url(self):
+        return self.storage.url
+
+    @property
+    def file_url(self):
+        return None if self._filename is None else self.storage.url_of(self._filename)
+
+    def _add(self, record: bytes) -> None:
+        self._raise_if_failed()
+        with self._lock:
+            if self._filename is None:
+                self._filename = events.event_filename(now=self._clock())
+                self._pending.append(events.frame_record(events.file_version_event(self._clock())))
+            self._pending.append(events.frame_record(record))
+        if self._thread is None and self.flush_secs:
+            self._thread = threading.Thread(target=self._flush_loop, name="rayhooks-summary-flush", daemon=True)
+            self._thread.start()
+
+    def add_summary(self, summary, global_step=None):
+        """Adds a `Summary` proto, TF1 serialized `Summary` bytes, or a {tag: value} mapping."""
+        if isinstance(summary, (bytes, bytearray)):
+            summary = summaries.parse_serialized(bytes(summary))
+        elif isinstance(summary, dict):
+            summary = summaries.from_mapping(summary)
+        elif not isinstance(summary, summary_pb2.Summary):
+            if hasattr(summary, "SerializeToString"):  # TF's own Summary class, same wire format
+                summary = summaries.parse_serialized(summary.SerializeToString())
+            else:
+                raise TypeError("add_summary takes a Summary, serialized Summary bytes or a dict, got %r"
+                                % type(summary).__name__)
+        self._add(events.summary_event(summary, int(global_step or 0), self._clock()))
+
+    def add_scalar(self, tag, value, global_step):
+        self.add_summary(summaries.to_summary([summaries.scalar(tag, value)]), global_step)
+
+    def add_session_log(self, session_log, global_step=None, checkpoint_path=""):
+        """Adds a session log: a status name ("START", "STOP", "CHECKPOINT") or a `SessionLog`."""
+        msg = ""
+        if not isinstance(session_log, str):
+            status = event_pb2.SessionLog.SessionStatus.Name(session_log.status)
+            checkpoint_path = checkpoint_path or session_log.checkpoint_path
+            msg = session_log.msg
+        else:
+            status = session_log
+        self._add(events.session_log_event(status, int(global_step or 0), self._clock(),
+                                           checkpoint_path=checkpoint_path, msg=msg))
+
+    def add_graph(self, graph_def_bytes, global_step=0):
+        self._add(events.graph_event(graph_def_bytes, int(global_step), self._clock()))
+
+    def _flush_loop(self):
+        while not self._closed.wait(self.flush_secs):
+            try:
+                self._flush_pending()
+            except Exception as e:  # kept for the training thread: a flusher thread cannot raise to it
+                with self._lock:
+                    self._error = self._error or e
+                logger.error("summary flush to %s failed: %s", self.url, e)
+
+    def _flush_pending(self):
+        with self._lock:
+            batch, self._pending = self._pending, []
+            name = self._filename
+        if not batch:
+            return
+        data = b"".join(batch)
+        try:
+            if self.storage.is_local:
+                path = os.path.join(self.storage.local_root, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "ab") as f:
+                    f.write(data)
+            else:
+                if self._spool is None:
+                    self._spool = tempfile.TemporaryFile(prefix="rayhooks-events-")
+                self._spool.seek(0, os.SEEK_END)
+                self._spool.write(data)
+                self._spool.seek(0)
+                spool = self._spool
+                self.storage.write_with(name, lambda f: _copy(spool, f))
+        except BaseException:
+            with self._lock:  # nothing is dropped: the batch goes back in front for the next try
+                self._pending[:0] = batch
+            if self._spool is not None:
+                self._spool.truncate(self._spool.seek(0, os.SEEK_END) - len(data))
+            raise
+
+    def _raise_if_failed(self):
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise OSError("writing summaries to %s failed: %s" % (self.url, error)) from error
+
+    def flush(self):
+        self._raise_if_failed()
+        self._flush_pending()
+
+    def close(self):
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.flush()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+def _copy(src, dst, chunk=8 << 20):
+    src.seek(0)
+    while True:
+        block = src.read(chunk)
+        if not block:
+            return
+        dst.write(block)
+
+
+class SummaryWriterCache:
+    """One shared writer per directory, as TF's `SummaryWriterCache`."""
+
+    _lock = threading.Lock()
+    _writers = {}
+
+    @classmethod
+    def get(cls, url, storage_options=None):
+        key = Storage(url).url
+        with cls._lock:
+            writer = cls._writers.get(key)
+            if writer is None:
+                writer = cls._writers[key] = SummaryWriter(url, storage_options)
+            return writer
+
+    @classmethod
+    def clear(cls):
+        with cls._lock:
+            writers, cls._writers = list(cls._writers.values()), {}
+        for writer in writers:
+            writer.close()

@@ -1,0 +1,105 @@
+"""Step/seconds timers, with an injectable clock.
+
+`SecondOrStepTimer` keeps TensorFlow's trigger arithmetic exactly (see
+`tf.compat.v1.train.SecondOrStepTimer`): the first call triggers, a step never
+triggers twice in a row, and otherwise a trigger needs `every_steps` steps or
+`every_secs` seconds since the last trigger. Unlike TensorFlow's, the clock is
+an argument, so schedules are tested with a fake clock and no sleeping.
+"""
+
+import time
+from typing import Callable, Optional, Tuple
+
+Clock = Callable[[], float]
+
+
+class ManualClock:
+    """A clock for tests and simulations: time moves only when told to."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SecondOrStepTimer:
+    """Triggers at most once every `every_secs` seconds or `every_steps` steps."""
+
+    def __init__(self, every_secs=None, every_steps=None, clock: Optional[Clock] = None):
+        if every_secs is None and every_steps is None:
+            raise ValueError("Either every_secs or every_steps should be provided.")
+        if every_secs is not None and every_steps is not None:
+            raise ValueError("Can not provide both every_secs and every_steps.")
+        self._every_secs = every_secs
+        self._every_steps = every_steps
+        self._clock = clock or time.time
+        self.reset()
+
+    @property
+    def every_secs(self):
+        return self._every_secs
+
+    @property
+    def every_steps(self):
+        return self._every_steps
+
+    def reset(self) -> None:
+        self._last_triggered_step = None
+        self._last_triggered_time = None
+
+    def should_trigger_for_step(self, step: int) -> bool:
+        if self._last_triggered_step is None:
+            return True
+        if self._last_triggered_step == step:
+            return False
+        if self._every_secs is not None:
+            return self._clock() >= self._last_triggered_time + self._every_secs
+        return step >= self._last_triggered_step + self._every_steps
+
+    def update_last_triggered_step(self, step: int) -> Tuple[Optional[float], Optional[int]]:
+        """Records a trigger at `step`; returns (elapsed_secs, elapsed_steps) since the last one."""
+        now = self._clock()
+        if self._last_triggered_time is None:
+            elapsed = (None, None)
+        else:
+            elapsed = (now - self._last_triggered_time, step - self._last_triggered_step)
+        self._last_triggered_time = now
+        self._last_triggered_step = step
+        return elapsed
+
+    def last_triggered_step(self) -> Optional[int]:
+        return self._last_triggered_step
+
+    def next_step_trigger(self) -> Optional[int]:
+        """The step at which a step-based timer triggers next, known in advance.
+
+        None for a seconds-based timer (its trigger depends on the clock) or
+        before the first trigger. This is what lets the chief announce a
+        save before any worker reaches it.
+        """
+        if self._every_steps is None or self._last_triggered_step is None:
+            return None
+        return self._last_triggered_step + self._every_steps
+
+
+class NeverTriggerTimer:
+    """A timer that never triggers."""
+
+    def reset(self) -> None:
+        pass
+
+    def should_trigger_for_step(self, step: int) -> bool:
+        return False
+
+    def update_last_triggered_step(self, step: int):
+        return (None, None)
+
+    def last_triggered_step(self):
+        return None
+
+    def next_step_trigger(self):
+        return None
