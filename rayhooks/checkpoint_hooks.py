@@ -125,6 +125,7 @@ class CheckpointSaverHook(SessionRunHook):
         if last_step != self._timer.last_triggered_step():
             self._save(session, last_step)
         self._writer.close()
+        self._summary_writer.flush()
         for listener in self._listeners:
             listener.end(session, last_step)
 
@@ -263,5 +264,6 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         if last_step != self._last_checkpoint_step:
             CheckpointSaverHook._save(self, session, last_step)
         self._writer.close()
+        self._summary_writer.flush()
         for listener in self._listeners:
             listener.end(session, last_step)

@@ -146,7 +146,9 @@ class TrackableSaver:
                 if isinstance(value, Mapping):
                     raise ValueError("tensor %r is partitioned (slice specs %s); rayhooks saves whole "
                                      "tensors only" % (key, sorted(value)))
-                if callable(value):
+                if not hasattr(value, "numpy") and hasattr(value, "tensor"):
+                    value = value.tensor  # a SaveSpec (TF's tensor_callable.Callable): read the variable now
+                elif callable(value):
                     value = value()
                 bufs = taken.setdefault(key, [])
                 tensors[key], n = _host_copy(value, self._pool, key, bufs)

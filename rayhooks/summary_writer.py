@@ -7,6 +7,7 @@ uploaded again at each flush, as TF's own GCS filesystem does. A flush error
 is kept and raised at the next `add_*`, `flush` or `close` (DESIGN I6).
 """
 
+import atexit
 import logging
 import os
 import tempfile
@@ -175,3 +176,13 @@ class SummaryWriterCache:
             writers, cls._writers = list(cls._writers.values()), {}
         for writer in writers:
             writer.close()
+
+
+@atexit.register
+def _flush_all_at_exit():
+    """Buffered events reach storage even when no hook's `end` ran (a step raised)."""
+    for writer in list(SummaryWriterCache._writers.values()):
+        try:
+            writer.flush()
+        except Exception as e:  # at exit there is no one left to raise to
+            logger.error("could not flush summaries to %s at exit: %s", writer.url, e)

@@ -37,14 +37,15 @@ class CheckpointState:
     last_preserved_timestamp: float = 0.0
 
 
-# protobuf's CEscape: printable ASCII stays, except quotes and backslash; other
-# bytes (including every byte of non-ASCII UTF-8) become 3-digit octal escapes.
-_ESCAPES = {i: chr(i) if 32 <= i < 127 else "\\%03o" % i for i in range(256)}
+# protobuf's CEscape with as_utf8=True (MessageToString's default): printable
+# ASCII stays except quotes and backslash, other ASCII becomes a 3-digit octal
+# escape, and non-ASCII characters are written as themselves (UTF-8 on disk).
+_ESCAPES = {i: chr(i) if 32 <= i < 127 else "\\%03o" % i for i in range(128)}
 _ESCAPES.update({9: r"\t", 10: r"\n", 13: r"\r", 34: r"\"", 39: r"\'", 92: r"\\"})
 
 
 def _quote(s: str) -> str:
-    return '"' + "".join(_ESCAPES[b] for b in s.encode("utf-8")) + '"'
+    return '"' + s.translate(_ESCAPES) + '"'
 
 
 def _is_default_double(x: float) -> bool:
