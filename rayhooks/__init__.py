@@ -33,3 +33,8 @@ __all__ = [
     "SessionRunValues", "Snapshot", "StepCounterHook", "StopAtStepHook", "Storage", "SummarySaverHook",
     "SummaryWriter", "SummaryWriterCache", "TrackableSaver",
 ]
+
+from rayhooks.launch import LaunchResult, launch  # noqa: E402  (after the hooks it builds on)
+from rayhooks.worker import WorkerContext  # noqa: E402
+
+__all__ += ["LaunchResult", "WorkerContext", "launch"]

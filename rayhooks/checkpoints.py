@@ -96,9 +96,12 @@ class CheckpointStore:
 
     # -- writing --------------------------------------------------------------
 
-    def write_data(self, step: int, tensors) -> Dict[str, dict]:
-        """Persists the tensors of `step` as one TF bundle; returns per-file size and crc32c."""
-        prefix = self.prefix_for(step)
+    def write_data(self, step: int, tensors, prefix: Optional[str] = None) -> Dict[str, dict]:
+        """Persists the tensors of `step` as one TF bundle; returns per-file size and crc32c.
+
+        `prefix` names a per-worker shard; by default the checkpoint's own prefix.
+        """
+        prefix = prefix or self.prefix_for(step)
         data_name = bundle.data_filename(prefix)
         index_name = bundle.index_filename(prefix)
 

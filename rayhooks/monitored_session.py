@@ -59,7 +59,7 @@ class MonitoredSession:
 
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
                  global_step=None, steps_per_run=1, scaffold=None, restore_store=None,
-                 is_chief=True, worker_index=0, num_workers=1):
+                 is_chief=True, worker_index=0, num_workers=1, keep_outputs=False):
         if steps_per_run < 1:
             raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
         self._hooks = list(chief_hooks or []) + list(hooks or [])
@@ -80,6 +80,7 @@ class MonitoredSession:
         self.coord = Coordinator()
         self._end_types = _end_of_input_types()
         self._args_cache = (None, None)
+        self._keep_outputs = keep_outputs
         self._should_stop = False
         self._closed = False
         for hook in self._hooks:
@@ -133,6 +134,8 @@ class MonitoredSession:
         result = step_fn(*args, **kwargs)
         handle.global_step = stale + self._steps_per_run
         if requests is None:
+            if self._keep_outputs:
+                handle.outputs = as_outputs(result)
             for hook in self._after:
                 hook.after_run(context, _NO_VALUES)
         else:

@@ -303,7 +303,7 @@ def test_rewritten_values_restore_into_fresh_tf_objects(tmp_path, tf):
             self.vocab = tf.Variable([b"", b""])
 
     src = tf.train.Checkpoint(model=Model(), step=tf.Variable(0, dtype=tf.int64))
-    reader = tf.train.load_checkpoint(src.write(str(tmp_path / "src")))
+    reader = tf.train.load_checkpoint(src.save(str(tmp_path / "src")))
     graph_key = "_CHECKPOINTABLE_OBJECT_GRAPH"
     graph = reader.get_tensor(graph_key)
     assert isinstance(graph, bytes) and graph
@@ -314,6 +314,7 @@ def test_rewritten_values_restore_into_fresh_tf_objects(tmp_path, tf):
         "model/b/.ATTRIBUTES/VARIABLE_VALUE": rng.standard_normal(3),
         "model/vocab/.ATTRIBUTES/VARIABLE_VALUE": np.array([b"ant", b"bee"], dtype=object),
         "step/.ATTRIBUTES/VARIABLE_VALUE": np.int64(1234),
+        "save_counter/.ATTRIBUTES/VARIABLE_VALUE": np.int64(9),
     }
     assert set(new) | {graph_key} == set(reader.get_variable_to_shape_map())
     prefix = str(tmp_path / "ours")
@@ -325,6 +326,7 @@ def test_rewritten_values_restore_into_fresh_tf_objects(tmp_path, tf):
     np.testing.assert_array_equal(dst.model.b.numpy(), new["model/b/.ATTRIBUTES/VARIABLE_VALUE"])
     assert dst.model.vocab.numpy().tolist() == [b"ant", b"bee"]
     assert int(dst.step.numpy()) == 1234
+    assert int(dst.save_counter.numpy()) == 9
 
 
 class _WriteOnlySink:

@@ -26,6 +26,7 @@ encoded by hand so that this module depends on neither TensorFlow nor protobuf.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Iterable, Iterator, Mapping
 
@@ -37,14 +38,8 @@ try:  # bfloat16 needs ml_dtypes; the format works without it.
 except ImportError:  # pragma: no cover - depends on the environment
     _ml_dtypes = None
 
-__all__ = [
-    "BundleWriter",
-    "data_filename",
-    "index_filename",
-    "read_bundle",
-    "read_index",
-    "write_bundle",
-]
+__all__ = ["BundleWriter", "data_filename", "index_filename", "read_bundle", "read_index",
+           "write_bundle"]
 
 _DT_STRING = 7
 # TensorFlow DataType enum values (tensorflow/core/framework/types.proto).
@@ -58,7 +53,6 @@ _NUMPY_BY_DT = {
 if _ml_dtypes is not None:
     _NUMPY_BY_DT[14] = np.dtype(_ml_dtypes.bfloat16)
 _DT_BY_NUMPY = {v: k for k, v in _NUMPY_BY_DT.items()}
-_STRING_DTYPE = np.dtype(object)
 
 # TF's table::Options default; matching it makes our index byte-identical.
 DEFAULT_BLOCK_SIZE = 262144
@@ -110,10 +104,6 @@ def _read_varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _signed64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
 # ---------------------------------------------------------------- protobuf --
 
 def _pb_field(num: int, payload: bytes) -> bytes:
@@ -158,13 +148,11 @@ def _parse_pb(buf: bytes) -> dict[int, list]:
 
 def _decode_entry(value: bytes) -> dict:
     f = _parse_pb(value)
-    shape_pb = _parse_pb(f.get(2, [b""])[-1])
-    shape = tuple(_signed64(_parse_pb(d).get(1, [0])[-1]) for d in shape_pb.get(2, []))
-    return {
-        "dt": f.get(1, [0])[-1], "shape": shape, "shard_id": f.get(3, [0])[-1],
-        "offset": _signed64(f.get(4, [0])[-1]), "size": _signed64(f.get(5, [0])[-1]),
-        "crc32c": _unmask(f.get(6, [0])[-1]), "sliced": 7 in f,
-    }
+    one = lambda num, default=0: f.get(num, [default])[-1]  # noqa: E731  last one wins
+    dims = _parse_pb(one(2, b"")).get(2, [])
+    return {"dt": one(1), "shape": tuple(_parse_pb(d).get(1, [0])[-1] for d in dims),
+            "shard_id": one(3), "offset": one(4), "size": one(5),
+            "crc32c": _unmask(one(6)), "sliced": 7 in f}
 
 
 # ------------------------------------------------------------------- table --
@@ -321,7 +309,7 @@ def read_index(index_bytes: bytes) -> dict[str, dict]:
     """
     _, entries = _parse_index(index_bytes)
     return {
-        key: {"dtype": _STRING_DTYPE if e["dt"] == _DT_STRING else _NUMPY_BY_DT.get(e["dt"]),
+        key: {"dtype": np.dtype(object) if e["dt"] == _DT_STRING else _NUMPY_BY_DT.get(e["dt"]),
               "shape": e["shape"], "offset": e["offset"], "size": e["size"],
               "crc32c": e["crc32c"]}
         for key, e in entries.items()
@@ -335,37 +323,33 @@ def _string_elements(arr: np.ndarray, key: str) -> list[bytes]:
     for item in arr.reshape(-1).tolist():
         if isinstance(item, str):
             item = item.encode("utf-8")
-        elif isinstance(item, (bytearray, memoryview)):
-            item = bytes(item)
-        elif not isinstance(item, bytes):
+        elif not isinstance(item, (bytes, bytearray, memoryview)):
             raise TypeError(f"tensor {key!r}: string tensors need bytes or str elements, "
                             f"got {type(item).__name__}")
-        out.append(item)
+        out.append(bytes(item))
     return out
 
 
+def _length_crc_input(n: int) -> bytes:
+    # TF checksums each string length as a fixed-width integer, not the varint
+    # it stores, and widens to 64 bits only when it must.
+    return struct.pack("<I" if n <= 0xFFFFFFFF else "<Q", n)
+
+
 def _length_prefix(strings: list[bytes]) -> tuple[bytes, int]:
-    # TF hashes each length as a fixed-width integer, not the varint it stores.
-    lengths = bytearray()
-    crc = 0
-    for s in strings:
-        lengths += _varint(len(s))
-        fmt = "<I" if len(s) <= 0xFFFFFFFF else "<Q"
-        crc = google_crc32c.extend(crc, struct.pack(fmt, len(s)))
+    crc = google_crc32c.value(b"".join(_length_crc_input(len(s)) for s in strings))
     checksum = struct.pack("<I", _mask(crc))
-    return bytes(lengths) + checksum, google_crc32c.extend(crc, checksum)
+    lengths = b"".join(_varint(len(s)) for s in strings)
+    return lengths + checksum, google_crc32c.extend(crc, checksum)
 
 
 class BundleWriter:
     """Streams a bundle: call add() for each tensor (any order), then finish()."""
 
     def __init__(self, data_file, index_file, *, block_size: int = DEFAULT_BLOCK_SIZE):
-        self._data = data_file
-        self._index = index_file
-        self._block_size = block_size
-        self._entries: dict[bytes, bytes] = {}
-        self._offset = 0
-        self._data_crc = 0
+        self._data, self._index, self._block_size = data_file, index_file, block_size
+        self._entries: dict[bytes, bytes] = {}  # key -> serialized BundleEntryProto
+        self._offset = self._data_crc = 0
         self._finished = False
 
     def _write(self, chunk) -> None:
@@ -377,6 +361,8 @@ class BundleWriter:
             written = self._data.write(view)
             if written is None or written >= len(view):
                 break
+            if written <= 0:
+                raise OSError("bundle data file accepted no bytes")
             view = view[written:]
         self._offset += n
 
@@ -463,7 +449,7 @@ def _decode_strings(raw: bytes, count: int, key: str, verify: bool) -> tuple[lis
         for _ in range(count):
             n, pos = _read_varint(raw, pos)
             lengths.append(n)
-            crc = google_crc32c.extend(crc, struct.pack("<I" if n <= 0xFFFFFFFF else "<Q", n))
+            crc = google_crc32c.extend(crc, _length_crc_input(n))
     except ValueError:
         raise ValueError(f"tensor {key!r}: corrupt string lengths") from None
     start = pos + 4
@@ -504,9 +490,7 @@ def read_bundle(index_bytes: bytes, data_file, keys=None, verify=True) -> dict[s
         dt, shape, size = e["dt"], e["shape"], e["size"]
         if e["sliced"] or e["shard_id"] != 0:
             raise ValueError(f"tensor {key!r} is partitioned, which is not supported")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"tensor {key!r} has an invalid shape {shape}")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if dt == _DT_STRING:
             # TF writes a length checksum even for zero elements; tolerate its
             # absence, since an empty tensor has nothing to protect.

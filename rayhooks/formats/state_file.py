@@ -86,8 +86,13 @@ _SIMPLE_ESCAPES = {"n": 10, "t": 9, "r": 13, "a": 7, "b": 8, "f": 12, "v": 11,
 _ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|u([0-9a-fA-F]{4})"
                      r"|U([0-9a-fA-F]{8})|(.))", re.DOTALL)
 
-_STRING_FIELDS = {"model_checkpoint_path": False, "all_model_checkpoint_paths": True}
-_DOUBLE_FIELDS = {"all_model_checkpoint_timestamps": True, "last_preserved_timestamp": False}
+# CheckpointState's fields: name -> (is a string field, is repeated).
+_FIELDS = {
+    "model_checkpoint_path": (True, False),
+    "all_model_checkpoint_paths": (True, True),
+    "all_model_checkpoint_timestamps": (False, True),
+    "last_preserved_timestamp": (False, False),
+}
 
 
 class _Malformed(Exception):
@@ -119,7 +124,10 @@ def _unescape(literal: str, line: int) -> bytes:
         out += body[pos:m.start()].encode("utf-8")
         octal, hex2, u4, u8, other = m.groups()
         if octal or hex2:
-            out.append(int(octal, 8) & 0xFF if octal else int(hex2, 16))
+            byte = int(octal, 8) if octal else int(hex2, 16)
+            if byte > 0xFF:
+                raise _Malformed(line, f"octal escape \\{octal} out of range in {literal}")
+            out.append(byte)
         elif u4 or u8:
             try:
                 out += chr(int(u4 or u8, 16)).encode("utf-8")
@@ -163,8 +171,8 @@ class _Parser:
         return tok
 
     def expect(self, text: str) -> None:
-        kind, tok, line = self.take()
-        if tok != text or kind != "punct":
+        _, tok, line = self.take()
+        if tok != text:
             raise _Malformed(line, f"expected {text!r}, got {tok or 'end of file'!r}")
 
     def value(self, is_string: bool):
@@ -193,12 +201,13 @@ def parse_state(text: str, url: str = "<state>") -> CheckpointState:
             kind, name, line = p.take()
             if kind != "ident":
                 raise _Malformed(line, f"expected a field name, got {name!r}")
-            if name not in _STRING_FIELDS and name not in _DOUBLE_FIELDS:
+            if name not in _FIELDS:
                 raise _Malformed(line, f"unknown field {name!r}")
-            is_string = name in _STRING_FIELDS
-            repeated = _STRING_FIELDS.get(name, _DOUBLE_FIELDS.get(name))
+            is_string, repeated = _FIELDS[name]
             p.expect(":")
-            if repeated and p.peek()[1] == "[" and p.peek()[0] == "punct":
+            # Punctuation never collides with other tokens' text (strings keep
+            # their quotes), so comparing text alone is enough below.
+            if repeated and p.peek()[1] == "[":
                 p.take()
                 values = []
                 if p.peek()[1] != "]":
@@ -214,7 +223,7 @@ def parse_state(text: str, url: str = "<state>") -> CheckpointState:
             else:
                 # text_format.Merge (what TF uses) lets a later value win.
                 setattr(state, name, values[0])
-            if p.peek()[1] in (",", ";") and p.peek()[0] == "punct":
+            if p.peek()[1] in (",", ";"):
                 p.take()
         if not state.model_checkpoint_path:
             raise _Malformed(p.peek()[2], "model_checkpoint_path is missing or empty")

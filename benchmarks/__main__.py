@@ -1,0 +1,64 @@
+"""``python -m benchmarks [--quick] [--only NAME] [--out PATH]``: runs the benchmarks, prints a table per
+figure, and writes them with the machine and the targets (MET/MISSED) to ``benchmarks/results.md``."""
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from benchmarks import BENCHMARKS
+from benchmarks.common import format_machine, machine_info
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats; 64 MB checkpoints, plus 512 MB once (under 5 minutes)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
+                        help="run only this benchmark (repeatable): %s" % ", ".join(BENCHMARKS))
+    parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the Markdown results")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests only
+    args = parser.parse_args(argv)
+
+    names = args.only or list(BENCHMARKS)
+    mode = "tiny (smoke test, numbers meaningless)" if args.tiny else "quick" if args.quick else "full"
+    started = time.perf_counter()
+    results = []
+    for name in names:
+        module = importlib.import_module("benchmarks.bench_" + name)
+        print("running %s (%s)..." % (name, mode), file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        result = module.run(quick=args.quick, tiny=args.tiny)
+        print("  %s took %.0f s" % (name, time.perf_counter() - began), file=sys.stderr, flush=True)
+        results.append(result)
+        print(result.markdown(), flush=True)
+    elapsed = time.perf_counter() - started
+
+    info = machine_info()
+    targets = [t for r in results for t in r.targets]
+    summary = ["# rayhooks benchmarks", "",
+               "Command: `python -m benchmarks%s%s` (%s mode), %.0f s in all." % (
+                   " --quick" if args.quick else "", "".join(" --only " + n for n in args.only or []),
+                   mode, elapsed), ""]
+    summary += format_machine(info)
+    summary += ["", "Every figure is a median over repeats, [min–max] beside it; comparisons are ratios "
+                "against anchors measured in the same run. The machine is shared and noisy.", "",
+                "## Targets", ""]
+    summary += ["- " + t.line() for t in targets] + [""]
+    text = "\n".join(summary) + "\n" + "\n".join(r.markdown() for r in results)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print("\n".join(["## Targets", ""] + ["- " + t.line() for t in targets]))
+    print("\nResults written to %s (%.0f s)." % (out, elapsed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""Figure 2: how long one checkpoint stalls the training loop, and the memory it takes.
+
+For each state size, one fresh worker process measures every method in turn:
+
+* `numpy_copy` — the limit: `np.copyto` of the same arrays into preallocated
+  buffers that are reused (warm); the first copy goes into fresh buffers;
+* `rh_async_numpy`, `rh_async_tf` — rayhooks `AsyncCheckpointSaverHook` with a
+  dict of float32 numpy arrays (`NumpySaver`) or a `tf.train.Checkpoint` of
+  `tf.Variable`s (`TrackableSaver`);
+* `rh_sync_numpy`, `rh_sync_tf` — rayhooks `CheckpointSaverHook` (blocking);
+* `tf1_hook` — TF1's blocking `tf.compat.v1.train.CheckpointSaverHook` in a
+  `MonitoredSession`, graph variables of the same sizes;
+* `tf2_write`, `tf2_write_async` — `tf.train.Checkpoint.write`, plain and with
+  `tf.train.CheckpointOptions(enable_async=True)`.
+
+The state is 8 float32 arrays (8 x 8 MB for 64 MB). The stall of a hook is the
+wall time of the `run()` that triggers the save minus the median `run()` of a
+non-trigger step measured just before it; saves are triggered with a
+`ManualClock` (rayhooks) or `save_steps` (TF1), and each one starts with the
+previous save committed. The save made at session creation is the *first*
+save (buffers cold) and is reported apart; the figures are the second and
+later saves. Right before every save the worker times a warm `np.copyto` of
+the same bytes, so each stall has an anchor taken seconds away from it; the
+"x copy" column is the median of those paired ratios.
+
+A separate worker process runs only 512 MB asynchronous saves and reports its
+VmHWM (peak RSS) against its RSS before the state existed.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+import rayhooks as rh
+from benchmarks.common import (MB, BenchResult, Stat, Target, current_rss, emit, fmt_mb, fmt_ratio,
+                               paired_ratios, peak_rss, run_worker)
+
+NAME = "checkpoint_stall"
+TITLE = "Figure 2: training-loop stall of one checkpoint"
+PARTS = 8
+COPY_TARGET = 1.2     # async stall within 1.2x of the numpy copy
+TF1_TARGET = 10.0     # and at least 10x below TF1's blocking hook
+MEMORY_HEADROOM = 200 * MB
+WAIT_COMMIT_SECS = 300.0
+STEP_SAMPLES = 5
+MAX_IN_FLIGHT = 1     # the async hook's default
+
+METHODS = ("numpy_copy", "rh_async_numpy", "rh_async_tf", "rh_sync_numpy", "rh_sync_tf",
+           "tf1_hook", "tf2_write", "tf2_write_async")
+LABELS = {
+    "numpy_copy": "numpy np.copyto into reused buffers (limit)",
+    "rh_async_numpy": "rayhooks AsyncCheckpointSaverHook, NumpySaver",
+    "rh_async_tf": "rayhooks AsyncCheckpointSaverHook, TrackableSaver",
+    "rh_sync_numpy": "rayhooks CheckpointSaverHook (blocking), NumpySaver",
+    "rh_sync_tf": "rayhooks CheckpointSaverHook (blocking), TrackableSaver",
+    "tf1_hook": "TF1 tf.compat.v1.train.CheckpointSaverHook (blocking)",
+    "tf2_write": "TF2 tf.train.Checkpoint.write (sync)",
+    "tf2_write_async": "TF2 Checkpoint.write, CheckpointOptions async",
+}
+
+
+def _config(quick, tiny):
+    """[(size_bytes, warm saves)], memory size, memory saves."""
+    if tiny:
+        return [(1 * MB, 1)], 1 * MB, 1
+    if quick:
+        return [(64 * MB, 5), (512 * MB, 1)], 512 * MB, 2
+    return [(64 * MB, 10), (512 * MB, 5)], 512 * MB, 4
+
+
+# -- the state ----------------------------------------------------------------------
+
+def make_arrays(nbytes):
+    """PARTS float32 arrays totalling `nbytes`, every page touched."""
+    n = max(1, nbytes // PARTS // 4)
+    return {"layer_%d/kernel" % i: np.full(n, float(i + 1), np.float32) for i in range(PARTS)}
+
+
+class CopyAnchor:
+    """`np.copyto` of the state into buffers allocated once and reused: the floor of any host snapshot."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        started = time.perf_counter()
+        self.buffers = {k: np.empty_like(v) for k, v in arrays.items()}
+        self._copy()
+        self.first = time.perf_counter() - started
+
+    def _copy(self):
+        for key, value in self.arrays.items():
+            np.copyto(self.buffers[key], value)
+
+    def time(self):
+        started = time.perf_counter()
+        self._copy()
+        return time.perf_counter() - started
+
+
+def _timed_runs(run, count):
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# -- rayhooks -------------------------------------------------------------------------
+
+class _Bracket(rh.CheckpointSaverListener):
+    """A listener that times a save from before_save to after_save (blocking hooks: the whole stall)."""
+
+    def __init__(self):
+        self.began = {}
+        self.secs = {}
+
+    def before_save(self, session, step):
+        self.began[step] = time.perf_counter()
+
+    def after_save(self, session, step):
+        self.secs[step] = time.perf_counter() - self.began[step]
+
+
+def bench_rayhooks(arrays, anchor, warm, tmp, asynchronous, trackable):
+    if trackable:
+        import tensorflow as tf
+        variables = {k: tf.Variable(v, name=k.replace("/", "_")) for k, v in arrays.items()}
+        state = tf.train.Checkpoint(**{k.replace("/", "_"): v for k, v in variables.items()})
+    else:
+        state = arrays
+    clock = rh.ManualClock(0.0)
+    listener = _Bracket()
+    kind = rh.AsyncCheckpointSaverHook if asynchronous else rh.CheckpointSaverHook
+    hook = kind(tmp, save_secs=1.0, clock=clock, listeners=[listener], max_to_keep=2, save_graph_def=False)
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+
+    started = time.perf_counter()
+    sess = rh.MonitoredSession(hooks=[hook], state=state)
+    creation = time.perf_counter() - started
+    first_snapshot = hook.last_stall_secs
+    # Async: the loop waited for the snapshot only; blocking: for the whole save.
+    first = first_snapshot if asynchronous else listener.secs[0]
+
+    def wait_committed(step_no):
+        deadline = time.monotonic() + WAIT_COMMIT_SECS
+        suffix = "-%d" % step_no
+        while not (sess.handle.latest_checkpoint or "").endswith(suffix):
+            if time.monotonic() > deadline:
+                raise TimeoutError("checkpoint %d not committed after %.0fs" % (step_no, WAIT_COMMIT_SECS))
+            time.sleep(0.005)
+            sess.run(step)  # after_save runs in the training thread, at a run
+
+    stalls, anchors, snapshots, steps_secs = [], [], [], []
+    last_saved = 0
+    for _ in range(warm):
+        wait_committed(last_saved)
+        anchors.append(anchor.time())
+        step_secs = _timed_runs(lambda: sess.run(step), STEP_SAMPLES)
+        clock.advance(1.0)
+        started = time.perf_counter()
+        sess.run(step)
+        took = time.perf_counter() - started
+        last_saved = sess.global_step
+        stalls.append(max(took - step_secs, 0.0))
+        steps_secs.append(step_secs)
+        snapshots.append(hook.last_stall_secs)
+    sess.close()  # the last run saved, so end() only waits for it
+    committed = sorted(int(s) for s in listener.secs)
+    skipped = getattr(hook, "skipped_saves", 0)
+    if skipped:
+        raise AssertionError("%d saves were skipped; each save must start with the previous committed" % skipped)
+    return {"first": first, "first_snapshot": first_snapshot, "creation": creation, "stalls": stalls,
+            "anchors": anchors, "snapshots": snapshots, "step_secs": steps_secs, "committed": committed,
+            "expected_commits": warm + 1}
+
+
+# -- TensorFlow -----------------------------------------------------------------------
+
+def bench_tf1_hook(arrays, anchor, warm, tmp):
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    every = 10
+    graph = tf.Graph()
+    with graph.as_default():
+        global_step = v1.train.get_or_create_global_step()
+        for key, value in arrays.items():
+            v1.get_variable(key.replace("/", "_"), shape=value.shape, dtype=tf.float32,
+                            initializer=v1.ones_initializer())
+        train_op = v1.assign_add(global_step, 1)
+        scaffold = v1.train.Scaffold(saver=v1.train.Saver(max_to_keep=2))
+
+        class Bracket(v1.train.CheckpointSaverListener):
+            def __init__(self):
+                self.began, self.secs = {}, {}
+
+            def before_save(self, session, step):
+                self.began[step] = time.perf_counter()
+
+            def after_save(self, session, step):
+                self.secs[step] = time.perf_counter() - self.began[step]
+
+        listener = Bracket()
+        hook = v1.train.CheckpointSaverHook(tmp, save_steps=every, scaffold=scaffold, listeners=[listener])
+        started = time.perf_counter()
+        sess = v1.train.MonitoredSession(v1.train.ChiefSessionCreator(scaffold=scaffold), hooks=[hook])
+        creation = time.perf_counter() - started
+        stalls, anchors, steps_secs = [], [], []
+        for _ in range(warm):
+            anchors.append(anchor.time())
+            step_secs = _timed_runs(lambda: sess.run(train_op), every - 1)  # steps 1..9 of the period
+            started = time.perf_counter()
+            sess.run(train_op)  # the 10th: triggers the save
+            took = time.perf_counter() - started
+            stalls.append(max(took - step_secs, 0.0))
+            steps_secs.append(step_secs)
+        sess.close()
+    saves = sorted(int(s) for s in listener.secs)
+    return {"first": listener.secs[0], "creation": creation, "stalls": stalls, "anchors": anchors,
+            "step_secs": steps_secs, "committed": saves, "expected_commits": warm + 1,
+            "bracket_warm": [listener.secs[s] for s in saves[1:warm + 1]]}
+
+
+def _tf2_async_options():
+    import tensorflow as tf
+    try:
+        return tf.train.CheckpointOptions(enable_async=True)
+    except TypeError:
+        try:
+            return tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+        except TypeError:
+            return None
+
+
+def bench_tf2_write(arrays, anchor, warm, tmp, asynchronous):
+    import tensorflow as tf
+
+    options = _tf2_async_options() if asynchronous else None
+    if asynchronous and options is None:
+        return {"unavailable": "this TensorFlow has no async CheckpointOptions"}
+    variables = {k.replace("/", "_"): tf.Variable(v) for k, v in arrays.items()}
+    ckpt = tf.train.Checkpoint(**variables)
+    prefix = os.path.join(tmp, "ckpt")
+
+    def write(i):
+        path = "%s-%d" % (prefix, i)
+        started = time.perf_counter()
+        if options is None:
+            ckpt.write(path)
+        else:
+            ckpt.write(path, options=options)
+        took = time.perf_counter() - started
+        if options is not None:
+            ckpt.sync()  # untimed: the next write starts with this one finished, as in the hooks
+        if i >= 2:  # keep two on disk, as the hooks' max_to_keep=2
+            for name in os.listdir(tmp):
+                if name.startswith("ckpt-%d." % (i - 2)):
+                    os.remove(os.path.join(tmp, name))
+        return took
+
+    first = write(0)
+    stalls, anchors = [], []
+    for i in range(1, warm + 1):
+        anchors.append(anchor.time())
+        stalls.append(write(i))
+    written = sorted(int(n.split("-")[1].split(".")[0]) for n in os.listdir(tmp) if n.endswith(".index"))
+    return {"first": first, "stalls": stalls, "anchors": anchors, "committed": written,
+            "expected_commits": min(2, warm + 1)}
+
+
+def bench_numpy_copy(arrays, anchor, warm):
+    anchors = [anchor.time() for _ in range(warm)]
+    fresh = CopyAnchor(arrays)  # first copy into fresh, never-touched buffers
+    first = fresh.first
+    del fresh
+    return {"first": first, "stalls": list(anchors), "anchors": anchors}
+
+
+def measure(size, warm, methods, tmp_root):
+    """Runs `methods` for one state size in this process; returns {method: result}."""
+    arrays = make_arrays(size)
+    nbytes = sum(a.nbytes for a in arrays.values())
+    anchor = CopyAnchor(arrays)
+    out = {"nbytes": nbytes, "methods": {}}
+    for method in methods:
+        tmp = tempfile.mkdtemp(prefix=method + "-", dir=tmp_root)
+        try:
+            if method == "numpy_copy":
+                result = bench_numpy_copy(arrays, anchor, warm)
+            elif method.startswith("rh_"):
+                result = bench_rayhooks(arrays, anchor, warm, tmp, asynchronous="async" in method,
+                                        trackable=method.endswith("_tf"))
+            elif method == "tf1_hook":
+                result = bench_tf1_hook(arrays, anchor, warm, tmp)
+            elif method == "tf2_write":
+                result = bench_tf2_write(arrays, anchor, warm, tmp, asynchronous=False)
+            elif method == "tf2_write_async":
+                result = bench_tf2_write(arrays, anchor, warm, tmp, asynchronous=True)
+            else:
+                raise ValueError("unknown method %r; known: %s" % (method, ", ".join(METHODS)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        out["methods"][method] = result
+    return out
+
+
+def measure_memory(size, saves, tmp_root):
+    """Peak RSS of a process that runs asynchronous NumpySaver saves of a `size` state."""
+    import tensorflow  # noqa: F401 -- rayhooks' session imports it; keep it out of the delta
+
+    baseline = current_rss()
+    arrays = make_arrays(size)
+    nbytes = sum(a.nbytes for a in arrays.values())
+    with_state = current_rss()
+    tmp = tempfile.mkdtemp(prefix="memory-", dir=tmp_root)
+    try:
+        clock = rh.ManualClock(0.0)
+        hook = rh.AsyncCheckpointSaverHook(tmp, save_secs=1.0, clock=clock, max_to_keep=2, save_graph_def=False,
+                                           max_in_flight=MAX_IN_FLIGHT)
+        sess = rh.MonitoredSession(hooks=[hook], state=arrays)
+        last = 0
+        for _ in range(saves):
+            while not (sess.handle.latest_checkpoint or "").endswith("-%d" % last):
+                time.sleep(0.005)
+                sess.run(lambda: None)
+            clock.advance(1.0)
+            sess.run(lambda: None)
+            last = sess.global_step
+        sess.close()
+        committed = len(hook.store.committed())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"nbytes": nbytes, "baseline_rss": baseline, "state_rss": with_state, "peak_rss": peak_rss(),
+            "saves": saves + 1, "max_in_flight": MAX_IN_FLIGHT, "committed_at_end": committed}
+
+
+# -- the figure -----------------------------------------------------------------------
+
+def _ms(stat):
+    return stat.format(1 if stat.median >= 10 else 2)
+
+
+def run(quick=False, tiny=False, methods=METHODS, isolate=True, tmp_root=None):
+    """Measures every size (one worker process each unless `isolate` is False) and the 512 MB memory peak."""
+    sizes, mem_size, mem_saves = _config(quick, tiny)
+    own_tmp = tmp_root is None
+    tmp_root = tmp_root or tempfile.mkdtemp(prefix="rayhooks-bench-ckpt-")
+    results = {}
+    try:
+        for size, warm in sizes:
+            args = ["--worker", "--size", str(size), "--warm", str(warm), "--methods", ",".join(methods),
+                    "--tmp", tmp_root]
+            if isolate:
+                results[size] = run_worker("benchmarks.bench_checkpoint_stall", args, timeout=600)
+            else:
+                results[size] = measure(size, warm, methods, tmp_root)
+        memory = None
+        if mem_size is not None:
+            memory = run_worker("benchmarks.bench_checkpoint_stall",
+                                ["--memory", "--size", str(mem_size), "--saves", str(mem_saves), "--tmp", tmp_root],
+                                timeout=600)
+    finally:
+        if own_tmp:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return _report(results, memory, sizes)
+
+
+def _report(results, memory, sizes):
+    headers = ["state", "method", "first save ms", "stall ms median [min–max] (n)", "x numpy copy (paired)",
+               "TF1 hook / this", "snapshot ms (hook.last_stall_secs)"]
+    rows, targets, notes = [], [], []
+    data = {"sizes": {}, "memory": memory}
+    for size, warm in sizes:
+        res = results[size]
+        label = fmt_mb(res["nbytes"])
+        per = res["methods"]
+        stats = {}
+        for method, r in per.items():
+            if "unavailable" in r:
+                continue
+            stats[method] = Stat.of(r["stalls"]).scaled(1e3)
+        tf1 = stats.get("tf1_hook")
+        data["sizes"][size] = {"raw": res, "stall_ms": {m: s.to_dict() for m, s in stats.items()}}
+        for method, r in per.items():
+            if "unavailable" in r:
+                rows.append([label, LABELS[method], "—", "unavailable: " + r["unavailable"], "—", "—", "—"])
+                continue
+            s = stats[method]
+            ratios = paired_ratios(r["stalls"], r["anchors"])
+            vs_copy = statistics.median(ratios) if ratios else None
+            vs_tf1 = tf1.median / s.median if tf1 is not None and s.median > 0 else None
+            snap = Stat.of(r["snapshots"]).scaled(1e3).format(2) if r.get("snapshots") else "—"
+            rows.append([label, LABELS[method], "%.1f" % (1e3 * r["first"]), "%s (%d)" % (_ms(s), s.n),
+                         fmt_ratio(vs_copy), "—" if method == "tf1_hook" else fmt_ratio(vs_tf1), snap])
+            if "expected_commits" in r and len(r["committed"]) < r["expected_commits"]:
+                notes.append("%s %s: only %d of %d saves were written" % (
+                    label, method, len(r["committed"]), r["expected_commits"]))
+        for method in ("rh_async_numpy", "rh_async_tf"):
+            if method not in stats:
+                continue
+            r = per[method]
+            ratios = paired_ratios(r["stalls"], r["anchors"])
+            vs_copy = statistics.median(ratios)
+            targets.append(Target("%s: %s stall within %.1fx of the numpy copy" % (label, LABELS[method], COPY_TARGET),
+                                  "%s of the copy (paired, %d saves; stall %s ms, copy %s ms)" % (
+                                      fmt_ratio(vs_copy), len(ratios), _ms(stats[method]),
+                                      _ms(Stat.of(r["anchors"]).scaled(1e3))),
+                                  vs_copy <= COPY_TARGET))
+            if tf1 is not None:
+                factor = tf1.median / stats[method].median if stats[method].median > 0 else float("inf")
+                targets.append(Target("%s: %s stall at least %.0fx below TF1's blocking hook" % (
+                    label, LABELS[method], TF1_TARGET),
+                    "%s below (TF1 %s ms)" % (fmt_ratio(factor), _ms(tf1)), factor >= TF1_TARGET))
+    extra = []
+    if memory is not None:
+        delta = memory["peak_rss"] - memory["baseline_rss"]
+        bound = memory["nbytes"] * (1 + memory["max_in_flight"]) + MEMORY_HEADROOM
+        extra.append(("Peak RSS of a separate process running %d asynchronous saves (NumpySaver, max_in_flight=%d):"
+                      % (memory["saves"], memory["max_in_flight"]),
+                      ["state", "RSS before state", "RSS with state", "peak RSS (VmHWM)", "peak - before",
+                       "bound: state x (1 + in flight) + 200 MB"],
+                      [[fmt_mb(memory["nbytes"]), fmt_mb(memory["baseline_rss"]), fmt_mb(memory["state_rss"]),
+                        fmt_mb(memory["peak_rss"]), fmt_mb(delta), fmt_mb(bound)]]))
+        targets.append(Target("%s async save: peak RSS over the pre-state baseline <= state x (1 + %d in flight) + "
+                              "200 MB" % (fmt_mb(memory["nbytes"]), memory["max_in_flight"]),
+                              "%s vs bound %s (%.2f of it)" % (fmt_mb(delta), fmt_mb(bound), delta / bound),
+                              delta <= bound))
+    notes += [
+        "Stall of a hook = wall time of the run() that triggers the save minus the median run() of a "
+        "non-trigger step just before it; TF2 rows time the write() call (the async one is followed, untimed, "
+        "by sync() so every save starts idle).",
+        "First save: the save at session creation with cold buffers (async hooks: the snapshot the loop waited "
+        "for; blocking hooks: before_save to after_save), or the first write()/copy.",
+        "x numpy copy: median over saves of stall / np.copyto of the same bytes timed right before that save.",
+        "rayhooks files are fsync'ed before commit; TF's local writes are not, which favours the blocking TF rows.",
+    ]
+    return BenchResult(NAME, TITLE, headers, rows, targets, notes, data, extra)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help="measure one state size in this process")
+    parser.add_argument("--memory", action="store_true", help="measure the peak RSS of async saves")
+    parser.add_argument("--size", type=int, default=64 * MB, help="state size in bytes")
+    parser.add_argument("--warm", type=int, default=3, help="saves after the first, per method")
+    parser.add_argument("--saves", type=int, default=2, help="--memory: saves after the first")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tmp", default=None, help="directory on local disk for the checkpoints")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    tmp = args.tmp or tempfile.gettempdir()
+    if args.worker:
+        emit(measure(args.size, args.warm, [m for m in args.methods.split(",") if m], tmp))
+    elif args.memory:
+        emit(measure_memory(args.size, args.saves, tmp))
+    else:
+        print(run(quick=args.quick, tiny=args.tiny).markdown())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

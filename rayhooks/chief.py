@@ -1,0 +1,282 @@
+"""The chief: owns the schedule, runs chief-only hooks, commits and dispatches listeners.
+
+A plain class: `rayhooks.ray_backend` wraps it in `ray.remote` in one place,
+and the local backend calls it from a thread. Its life:
+
+    start()                       -> hooks.begin(); listeners.begin(); the step to start from
+    workers_created(step)         -> hooks.after_create_session(session, coord); first plan
+    report(progress) ...          -> per reported step: hooks.before_run/after_run;
+                                     summaries written; shards collected;
+                                     when every shard of S is durable:
+                                       commit S; listeners.after_save(session, S)
+                                     new actions and stops sent to the workers
+    worker_end(i, step)           -> the final save, if step S was not just saved
+    finish()                      -> listeners.end; hooks.end(session); the result
+
+Checkpoint listeners see `before_save(S)` when S is announced, before any
+worker snapshots it, and `after_save(S)` once S is committed.
+"""
+
+import logging
+import time
+from typing import Dict, List, Optional
+
+from rayhooks.checkpoints import CheckpointStore
+from rayhooks.coordinator import Coordinator
+from rayhooks.handle import SessionHandle, resolve_fetches
+from rayhooks.plan import CHECKPOINT, SUMMARY, Action, Planner, Schedule
+from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunValues
+from rayhooks.summary_hook import _as_summary
+from rayhooks.summary_writer import SummaryWriterCache
+
+logger = logging.getLogger("rayhooks")
+
+
+class Chief:
+    """Turns worker reports into decisions. `send(worker_index, update)` must not block."""
+
+    def __init__(self, spec, num_workers: int, send, clock=time.time, report_latency: float = 0.1):
+        self.spec = spec
+        self.num_workers = num_workers
+        self._send = send
+        self._clock = clock
+        self._latency = report_latency
+        self.coord = Coordinator()
+        self.session = SessionHandle(checkpoint_dir=spec.checkpoint_dir, summary_dir=spec.summary_dir,
+                                     is_chief=True, num_workers=num_workers,
+                                     store=spec.checkpoint.store if spec.checkpoint else None)
+        self.progress: Dict[int, int] = {}
+        self._rates: Dict[int, float] = {}
+        self._last_seen: Dict[int, tuple] = {}
+        self._replayed = None
+        self._metrics = {}
+        self._announced: Dict[int, Action] = {}
+        self._shards: Dict[int, dict] = {}
+        self._ended: Dict[int, int] = {}
+        self.committed: List[int] = []
+        self.skipped_saves = 0
+        self.errors: List[str] = []
+        self._last_checkpoint_step = None
+        self._rules: Dict[str, Action] = {}
+        self._before_saved = set()
+        self.planner = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> Optional[int]:
+        """Runs `begin`; returns the step of the checkpoint workers will restore, or None."""
+        for hook in self.spec.hooks:
+            hook.begin()
+        ck = self.spec.checkpoint
+        latest = None
+        if ck is not None:
+            ck.store.storage.check_writable()
+            for listener in ck.listeners:
+                listener.begin()
+            info = ck.store.latest()
+            latest = info.step if info else None
+            self.session.latest_checkpoint = info.url if info else None
+        if self.spec.summary is not None:
+            self._summary_writer = SummaryWriterCache.get(self.spec.summary.output_dir)
+        return latest
+
+    def workers_created(self, start_step: int) -> dict:
+        """All workers restored and are at `start_step`; returns their first update."""
+        self.session.global_step = start_step
+        self._replayed = start_step
+        self.progress = {i: start_step for i in range(self.num_workers)}
+        schedules = []
+        if self.spec.checkpoint is not None:
+            schedules.append(Schedule(CHECKPOINT, self.spec.checkpoint.timer))
+        if self.spec.summary is not None:
+            schedules.append(Schedule(SUMMARY, self.spec.summary.timer, first_offset=1,
+                                      fetches=self.spec.summary.fetches))
+        self.planner = Planner(start_step, schedules, last_step=self.spec.last_step)
+        for hook in self.spec.hooks:
+            hook.after_create_session(self.session, self.coord)
+        if self.spec.summary is not None:
+            self._summary_writer.add_session_log("START", start_step + 1)
+        stop = self.planner.initial_stop()
+        actions = self._announce(self.planner.tick(start_step, self.planner.min_margin))
+        return {"actions": actions, "stop_step": stop}
+
+    def _announce(self, actions: List[Action]) -> List[Action]:
+        for action in actions:
+            if action.every:
+                self._rules[action.kind] = action
+            else:
+                self._announced[action.step * 2 + (action.kind == SUMMARY)] = action
+            if action.kind == CHECKPOINT:
+                self._before_save(action.step)
+        return actions
+
+    def _before_save(self, step: int) -> None:
+        """Runs before_save(step) once: when announced, or at the latest before its commit."""
+        if step in self._before_saved:
+            return
+        self._before_saved.add(step)
+        for listener in self.spec.checkpoint.listeners:
+            listener.before_save(self.session, step)
+
+    def _expects_checkpoint(self, step: int) -> bool:
+        rule = self._rules.get(CHECKPOINT)
+        on_rule = rule is not None and step >= rule.step and (step - rule.step) % rule.every == 0
+        return on_rule or (step * 2) in self._announced
+
+    def _broadcast(self, actions=(), stop_step=None) -> None:
+        if not actions and stop_step is None:
+            return
+        update = {"actions": list(actions), "stop_step": stop_step}
+        for i in range(self.num_workers):
+            self._send(i, update)
+
+    # -- reports --------------------------------------------------------------
+
+    def report(self, worker: int, step: int, now: float, outputs: dict, shards: list, metrics: dict,
+               stop_requested: bool = False, skipped: tuple = ()) -> None:
+        """Progress from one worker. Called without the worker waiting for it."""
+        previous = self._last_seen.get(worker)
+        if previous is not None and now > previous[1] and step > previous[0]:
+            self._rates[worker] = (step - previous[0]) / (now - previous[1])
+        self._last_seen[worker] = (step, now)
+        self.progress[worker] = max(self.progress.get(worker, 0), step)
+        if worker == 0:
+            self._metrics = metrics or self._metrics
+            for s, values in sorted(outputs.items()):
+                self._write_summaries(s, values)
+            self._replay(step)
+        for s in skipped:
+            self._cancel(s, "worker %d skipped it (its previous save was still in flight, or the plan "
+                            "reached it late)" % worker)
+        for s, worker_index, files in shards:
+            self._shards.setdefault(s, {})[worker_index] = files
+            self._maybe_commit(s)
+        stop = None
+        if stop_requested:
+            stop = self.planner.request_stop(max(self.progress.values()), self._margin())
+        self._tick(stop)
+
+    def _margin(self) -> int:
+        rate = max(self._rates.values()) if self._rates else 0.0
+        return self.planner.margin(rate, self._latency)
+
+    def _tick(self, stop=None):
+        furthest = max(self.progress.values())
+        for key, action in list(self._announced.items()):
+            if action.kind == SUMMARY and furthest > action.step:
+                self.planner.done(action)
+                del self._announced[key]
+        actions = self._announce(self.planner.tick(furthest, self._margin()))
+        self._broadcast(actions, stop)
+
+    def _replay(self, step: int) -> None:
+        """Runs the chief-only hooks for each step worker 0 completed since the last report."""
+        hooks = self.spec.hooks
+        while self._replayed < step:
+            stale = self._replayed
+            context = SessionRunContext(SessionRunArgs(None), self.session)
+            self.session.global_step = stale
+            requests = {h: r.fetches for h in hooks for r in [h.before_run(context)] if r is not None}
+            self._replayed = self.session.global_step = stale + 1
+            for hook in hooks:
+                fetches = requests.get(hook)
+                results = None if fetches is None else resolve_fetches(fetches, self._metrics, stale)
+                hook.after_run(context, SessionRunValues(results, None, None))
+            if context.stop_requested:
+                self.planner.request_stop(max(self.progress.values()), self._margin())
+
+    def _write_summaries(self, step: int, values: dict) -> None:
+        for name in self.spec.summary.fetches:
+            if name in values:
+                self._summary_writer.add_summary(_as_summary(name, values[name]), step)
+        self.spec.summary.timer  # the schedule already advanced when the step was announced
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def _writers_for(self, step: int) -> int:
+        return self.num_workers if self.spec.checkpoint.all_workers_write else 1
+
+    def _maybe_commit(self, step: int) -> None:
+        shards = self._shards.get(step, {})
+        if len(shards) < self._writers_for(step):
+            return
+        del self._shards[step]
+        self._before_save(step)
+        files = {}
+        for worker_index in sorted(shards):
+            files.update(shards[worker_index])
+        ck = self.spec.checkpoint
+        info = ck.store.commit(step, files, extra={"num_workers": self.num_workers,
+                                                    "writers": sorted(shards)})
+        self.committed.append(step)
+        self._last_checkpoint_step = step
+        self.session.latest_checkpoint = info.url
+        self.session.global_step = max(self.session.global_step, step)
+        logger.info("[step=%d] committed %s (%.1f MB)", step, info.url, info.nbytes / 1e6)
+        self._announced.pop(step * 2, None)
+        self.planner.done(Action(step, CHECKPOINT))
+        if self.spec.summary is not None or ck is not None:
+            SummaryWriterCache.get(ck.store.url).add_session_log(
+                "CHECKPOINT", step, checkpoint_path=ck.store.storage.url_of(ck.store.basename))
+        stop = False
+        for listener in ck.listeners:
+            if listener.after_save(self.session, step):
+                logger.info("[step=%d] A CheckpointSaverListener requested that training be stopped. "
+                            "listener: %s", step, listener)
+                stop = True
+        if stop:
+            self._broadcast((), self.planner.request_stop(max(self.progress.values()), self._margin()))
+        rule = self._rules.get(CHECKPOINT)
+        if rule is not None:  # the next save on the rule hears before_save now, before it can commit
+            nxt = step + rule.every
+            if self.planner.stop_step is None or nxt <= self.planner.stop_step:
+                self._before_save(nxt)
+
+    def _cancel(self, step: int, why: str) -> None:
+        if self._announced.pop(step * 2, None) is not None or self._expects_checkpoint(step):
+            self.skipped_saves += 1
+            self._shards.pop(step, None)
+            self.planner.done(Action(step, CHECKPOINT))
+            logger.info("[step=%d] checkpoint skipped: %s", step, why)
+
+    # -- the end --------------------------------------------------------------
+
+    def worker_end(self, worker: int, step: int) -> List[Action]:
+        """A worker left its loop at `step`: the final save, unless `step` was just saved."""
+        self._ended[worker] = step
+        self.progress[worker] = max(self.progress.get(worker, 0), step)
+        ck = self.spec.checkpoint
+        if ck is None or step == self._last_checkpoint_step or self._expects_checkpoint(step):
+            return []
+        action = Action(step, CHECKPOINT)
+        if worker == 0 or ck.all_workers_write:
+            self._announce([action])
+            return [action]
+        return []
+
+    def shard_done(self, step: int, worker_index: int, files: dict) -> None:
+        self._shards.setdefault(step, {})[worker_index] = files
+        self._maybe_commit(step)
+
+    def worker_failed(self, worker: int, message: str) -> None:
+        self.errors.append("worker %d: %s" % (worker, message))
+
+    def finish(self) -> dict:
+        """Runs the `end` callbacks once; returns what the run produced."""
+        last_step = max(self._ended.values()) if self._ended else max(self.progress.values(), default=0)
+        self.session.global_step = last_step
+        if not self.errors:
+            if self._replayed is not None:
+                self._replay(last_step)
+            if self.spec.checkpoint is not None:
+                for listener in self.spec.checkpoint.listeners:
+                    listener.end(self.session, last_step)
+            for hook in self.spec.hooks:
+                hook.end(self.session)
+        if self.spec.summary is not None:
+            self._summary_writer.flush()
+        if self.spec.checkpoint is not None:
+            SummaryWriterCache.get(self.spec.checkpoint.store.url).flush()
+        return {"last_step": last_step, "committed": list(self.committed), "metrics": dict(self._metrics),
+                "skipped_saves": self.skipped_saves,
+                "latest_checkpoint": self.session.latest_checkpoint}

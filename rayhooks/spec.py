@@ -1,0 +1,80 @@
+"""`RunSpec`: what the chief and the workers of a launched run are told to do.
+
+`launch` builds it from the user's hooks: the built-in checkpoint, summary and
+stop hooks become schedules the chief plans ahead; every other chief-only
+hook runs on the chief as it is. Everything here pickles, to reach Ray actors.
+"""
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+from rayhooks.basic_hooks import StopAtStepHook
+from rayhooks.checkpoint_hooks import AsyncCheckpointSaverHook, CheckpointSaverHook
+from rayhooks.checkpoints import CheckpointStore
+from rayhooks.summary_hook import SummarySaverHook
+from rayhooks.timer import SecondOrStepTimer
+
+
+@dataclasses.dataclass
+class CheckpointSpec:
+    store: CheckpointStore
+    timer: SecondOrStepTimer
+    listeners: list
+    asynchronous: bool = True
+    in_flight: str = "skip"
+    max_in_flight: int = 1
+    max_in_flight_bytes: Optional[int] = None
+    all_workers_write: bool = False
+
+
+@dataclasses.dataclass
+class SummarySpec:
+    output_dir: str
+    timer: SecondOrStepTimer
+    fetches: Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class RunSpec:
+    checkpoint_dir: Optional[str]
+    summary_dir: Optional[str]
+    hooks: list                                # chief-only hooks run as they are
+    checkpoint: Optional[CheckpointSpec] = None
+    summary: Optional[SummarySpec] = None
+    last_step: Optional[int] = None
+
+
+def build_spec(chief_hooks: List, all_workers_write: bool = False) -> RunSpec:
+    """Sorts chief hooks into planned schedules and hooks that run on the chief as they are."""
+    generic, checkpoint, summary, last_step = [], None, None, None
+    for hook in chief_hooks:
+        if isinstance(hook, CheckpointSaverHook):
+            if checkpoint is not None:
+                raise ValueError("launch supports one checkpoint hook per run; got a second for %s"
+                                 % hook.store.url)
+            asynchronous = isinstance(hook, AsyncCheckpointSaverHook)
+            checkpoint = CheckpointSpec(
+                store=hook.store, timer=hook._timer, listeners=hook._listeners, asynchronous=asynchronous,
+                in_flight=getattr(hook, "_in_flight", "wait"),
+                max_in_flight=getattr(hook, "_max_in_flight", 1),
+                max_in_flight_bytes=getattr(hook, "_max_in_flight_bytes", None),
+                all_workers_write=all_workers_write)
+        elif isinstance(hook, SummarySaverHook):
+            if summary is not None or not hook._output_dir:
+                raise ValueError("launch supports one SummarySaverHook, with output_dir set")
+            ops = hook._get_summary_op()
+            ops = [ops] if isinstance(ops, str) else list(ops or [])
+            if not all(isinstance(op, str) for op in ops):
+                raise ValueError("under launch, summary_op must name step outputs (strings): the values "
+                                 "are fetched on worker 0 and written by the chief; got %r" % (ops,))
+            summary = SummarySpec(hook._output_dir, hook._timer, tuple(ops))
+        elif isinstance(hook, StopAtStepHook):
+            if hook._last_step is None:
+                raise ValueError("under launch, give StopAtStepHook(last_step=...): num_steps depends on "
+                                 "the restored step, which only the workers know when the hook is built")
+            last_step = hook._last_step if last_step is None else min(last_step, hook._last_step)
+        else:
+            generic.append(hook)
+    checkpoint_dir = checkpoint.store.url if checkpoint else None
+    summary_dir = summary.output_dir if summary else None
+    return RunSpec(checkpoint_dir, summary_dir, generic, checkpoint, summary, last_step)

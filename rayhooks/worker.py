@@ -1,0 +1,216 @@
+"""The worker side of a launched run: the session `train_fn` trains in.
+
+    def train_fn(ctx):                      # runs on every worker
+        model, optimizer = build()          # under your tf.distribute strategy
+        with ctx.session(state=tf.train.Checkpoint(model=model, optimizer=optimizer)) as sess:
+            while not sess.should_stop():
+                sess.run(train_step, next(batches))
+
+Per run, the worker does only local work (DESIGN I4): its hooks, one integer
+compare against the next planned step, and — at most every
+`report_interval` seconds — a progress record handed to the transport
+without waiting. Plans and stops arrive from the chief on another thread and
+are picked up by the same compare. On a planned checkpoint step the worker
+copies its state to host memory (the only blocking part) and its background
+writer persists it, then tells the chief the shard is durable.
+
+A stop requested by a worker hook is sent to the chief, which picks a step
+that every worker can still reach; all workers stop after that same step, so
+collective ops in `MultiWorkerMirroredStrategy` never wait on a worker that
+left early.
+"""
+
+import heapq
+import logging
+import threading
+import time
+
+from rayhooks.monitored_session import MonitoredSession
+from rayhooks.plan import CHECKPOINT, SUMMARY
+from rayhooks.handle import resolve_fetches
+from rayhooks.session_run_hook import SessionRunHook
+from rayhooks.writer import BackgroundWriter
+
+logger = logging.getLogger("rayhooks")
+
+_NEVER = float("inf")
+
+
+class WorkerAgent(SessionRunHook):
+    """The last hook of a worker's session: carries out the chief's plan and reports progress."""
+
+    def __init__(self, worker_index, spec, transport, report_interval=0.05, clock=time.monotonic):
+        self.worker_index = worker_index
+        self.spec = spec
+        self._transport = transport
+        self._interval = report_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._actions = []                 # heap of (step, kind, fetches)
+        self._next_step = _NEVER           # read per step without the lock: a plain attribute
+        self._stop_step = _NEVER
+        self._next_report = 0.0
+        self._outputs = {}
+        self._shards = []
+        self._skipped = []
+        self._stop_requested = False
+        ck = spec.checkpoint
+        self.writes = ck is not None and (worker_index == 0 or ck.all_workers_write)
+        self._writer = None
+        if self.writes:
+            self._writer = BackgroundWriter("checkpoint shard of worker %d" % worker_index,
+                                            ck.max_in_flight, ck.max_in_flight_bytes)
+
+    # -- from the chief (another thread) ----------------------------------------
+
+    def receive(self, update) -> None:
+        with self._lock:
+            for action in update.get("actions", ()):
+                heapq.heappush(self._actions, (action.step, action.kind, action.fetches, action.every))
+            if update.get("stop_step") is not None:
+                self._stop_step = min(self._stop_step, update["stop_step"])
+            self._next_step = min(self._actions[0][0] if self._actions else _NEVER, self._stop_step)
+
+    # -- in the training loop ---------------------------------------------------
+
+    def after_create_session(self, session, coord):
+        self._session = session
+        self._run_due(session.global_step, session)
+
+    def after_run(self, run_context, run_values):
+        session = run_context.session
+        step = session.global_step
+        if run_context._stop_requested and step < self._stop_step:
+            run_context._stop_requested = False  # not yet: every worker must stop at the same step
+            self._stop_requested = True
+            self._next_report = 0.0
+        if step >= self._next_step:
+            self._run_due(step, session)
+            if step >= self._stop_step:
+                run_context.request_stop()
+        if self._clock() >= self._next_report:
+            self.flush_report(step)
+
+    def _run_due(self, step, session):
+        due = []
+        with self._lock:
+            while self._actions and self._actions[0][0] <= step:
+                due.append(heapq.heappop(self._actions))
+            self._next_step = min(self._actions[0][0] if self._actions else _NEVER, self._stop_step)
+        for planned, kind, fetches, every in due:
+            if every:  # a rule: the next occurrence is known here, no announcement needed
+                with self._lock:
+                    nxt = planned + every * max(1, -(-(step - planned) // every))
+                    heapq.heappush(self._actions, (nxt, kind, fetches, every))
+                    self._next_step = min(self._actions[0][0], self._stop_step)
+                if planned < step and (step - planned) % every == 0:
+                    planned = step
+            if planned < step:
+                logger.warning("[step=%d] the plan for step %d arrived late; skipping it", step, planned)
+                if kind == CHECKPOINT:
+                    self._skipped.append(planned)
+            elif kind == CHECKPOINT and self.writes:
+                self._save(session, step)
+            elif kind == SUMMARY and self.worker_index == 0:
+                self._outputs[step] = _host_values(resolve_fetches(
+                    {name: name for name in fetches if name in session.outputs}, session.outputs, step))
+        if due:
+            self._next_report = 0.0
+
+    def _save(self, session, step):
+        ck = self.spec.checkpoint
+        writer = self._writer
+        writer.raise_if_failed()
+        estimate = getattr(self, "_last_nbytes", 0)
+        if not writer.admit(estimate, wait=not ck.asynchronous or ck.in_flight == "wait"):
+            self._skipped.append(step)
+            return
+        snapshot = session.saver.snapshot()
+        self._last_nbytes = snapshot.nbytes
+        store, index = ck.store, self.worker_index
+        shard_prefix = None if index == 0 else "%s.worker%d" % (store.prefix_for(step), index)
+
+        def persist():
+            try:
+                files = store.write_data(step, snapshot.tensors, prefix=shard_prefix)
+            finally:
+                snapshot.done()
+            with self._lock:
+                self._shards.append((step, index, files))
+            self._next_report = 0.0
+            return files
+
+        future = writer.submit(step, estimate, persist)
+        if not ck.asynchronous:
+            try:
+                future.result()
+            except BaseException:
+                writer.raise_if_failed()
+                raise
+
+    def flush_report(self, step, wait=False) -> None:
+        with self._lock:
+            shards, self._shards = self._shards, []
+        outputs, self._outputs = self._outputs, {}
+        skipped, self._skipped = self._skipped, []
+        stop, self._stop_requested = self._stop_requested, False
+        metrics = _scalar_metrics(self._session.outputs) if self.worker_index == 0 else {}
+        args = (self.worker_index, step, time.time(), outputs, shards, metrics, stop, tuple(skipped))
+        if wait:
+            self._transport.report_and_wait(*args)
+        else:
+            self._transport.report(*args)
+        self._next_report = self._clock() + self._interval
+
+    def end(self, session):
+        step = session.global_step
+        self.flush_report(step)
+        for action in self._transport.worker_end(self.worker_index, step):
+            if action.kind == CHECKPOINT and self.writes:
+                self._save(session, step)
+        if self._writer is not None:
+            self._writer.close()
+        self.flush_report(step, wait=True)  # the chief has every shard before the driver asks it to finish
+
+
+def _host_values(values: dict) -> dict:
+    return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in values.items()}
+
+
+def _scalar_metrics(outputs: dict) -> dict:
+    """The step's scalar outputs, as plain floats: what chief-only hooks can fetch."""
+    out = {}
+    for name, value in outputs.items():
+        if hasattr(value, "numpy"):
+            if getattr(value, "shape", None) not in ((), None):
+                continue
+            value = value.numpy()
+        if isinstance(value, (int, float)) or (hasattr(value, "shape") and value.shape == () and
+                                               value.dtype.kind in "biuf"):
+            out[name] = float(value)
+    return out
+
+
+class WorkerContext:
+    """What `train_fn` receives: who this worker is, and the session to train in."""
+
+    def __init__(self, worker_index, num_workers, spec, transport, hooks, report_interval=0.05):
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.spec = spec
+        self.agent = WorkerAgent(worker_index, spec, transport, report_interval)
+        self._hooks = list(hooks or [])
+
+    @property
+    def is_chief(self):
+        return self.worker_index == 0
+
+    def session(self, state=None, global_step=None, steps_per_run=1) -> MonitoredSession:
+        """The session to train in; restores the latest committed checkpoint into `state`."""
+        store = self.spec.checkpoint.store if self.spec.checkpoint else None
+        return MonitoredSession(hooks=self._hooks + [self.agent], state=state,
+                                checkpoint_dir=self.spec.checkpoint_dir, summary_dir=self.spec.summary_dir,
+                                global_step=global_step, steps_per_run=steps_per_run,
+                                restore_store=store, is_chief=self.worker_index == 0,
+                                worker_index=self.worker_index, num_workers=self.num_workers,
+                                keep_outputs=True)

@@ -1,0 +1,58 @@
+"""Generic fixtures shared by the test tiers."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import uuid
+
+import pytest
+
+
+@pytest.fixture(params=["file", "file_url", "memory"])
+def storage_url(request, tmp_path):
+    """A fresh, empty directory URL for this test.
+
+    "file" is a bare local path, "file_url" the same kind of directory spelled
+    `file:///...`, "memory" a unique `memory://` URL (removed afterwards).
+    """
+    if request.param == "file":
+        yield str(tmp_path / "run")
+    elif request.param == "file_url":
+        yield "file://" + str(tmp_path / "run")
+    else:
+        name = "test-%s" % uuid.uuid4().hex
+        yield "memory://" + name
+        import fsspec
+        fs = fsspec.filesystem("memory")
+        if fs.exists("/" + name):
+            fs.rm("/" + name, recursive=True)
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh `memory://` URL, removed after the test."""
+    name = "test-%s" % uuid.uuid4().hex
+    yield "memory://" + name
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/" + name):
+        fs.rm("/" + name, recursive=True)
+
+
+@pytest.fixture(autouse=True)
+def _close_cached_summary_writers():
+    """Closes the writers `SummaryWriterCache` handed out during the test.
+
+    A test that breaks a directory on purpose leaves a writer whose flush
+    fails; that failure belongs to the test that caused it, not to teardown.
+    """
+    yield
+    import sys
+    module = sys.modules.get("rayhooks.summary_writer")
+    if module is None:
+        return
+    try:
+        module.SummaryWriterCache.clear()
+    except Exception:  # the directory was broken on purpose by the test
+        pass
