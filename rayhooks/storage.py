@@ -190,8 +190,19 @@ class Storage:
                     os.remove(tmp)
                 raise
             return result
-        with self.fs.open(path, "wb") as f:
-            return producer(f)
+        f = self.fs.open(path, "wb")
+        try:
+            result = producer(f)
+        except BaseException:
+            # Closing would publish the partial object; cancel the upload instead.
+            with contextlib.suppress(Exception):
+                f.discard()
+            with contextlib.suppress(Exception):
+                if self.fs.exists(path):
+                    self.fs.rm(path)
+            raise
+        f.close()
+        return result
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write_with(name, lambda f: f.write(data))

@@ -1,0 +1,152 @@
+"""One conformance suite for every storage: file://, memory:// and gs:// (a real GCS server).
+
+gs:// runs against `gcp-storage-emulator` started by this module, through
+gcsfs: the same code path as Google Cloud Storage.
+"""
+
+import os
+import uuid
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+import rayhooks as rh
+from rayhooks.formats import events
+from tests.gcs_emulator import GcsEmulator
+
+GS_OPTIONS = {"token": "anon", "project": "rayhooks-test"}
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    emulator = GcsEmulator().start()
+    emulator.make_bucket("rayhooks-test")
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(params=["file", "memory", "gs"])
+def url_and_options(request, tmp_path):
+    if request.param == "file":
+        return "file://" + str(tmp_path / "run"), None
+    if request.param == "memory":
+        return "memory://conf-%s" % uuid.uuid4().hex, None
+    request.getfixturevalue("gcs")
+    return "gs://rayhooks-test/conf-%s" % uuid.uuid4().hex, GS_OPTIONS
+
+
+def _storage(url_and_options):
+    url, options = url_and_options
+    return rh.Storage(url, storage_options=options)
+
+
+def test_write_read_list_delete(url_and_options):
+    st = _storage(url_and_options)
+    st.check_writable()
+    st.write_bytes("a.bin", b"\x00\x01payload")
+    st.write_bytes("b.bin", b"x" * (3 << 20))
+    assert st.read_bytes("a.bin") == b"\x00\x01payload"
+    assert st.size("b.bin") == 3 << 20
+    assert [n for n in st.listdir() if n.endswith(".bin")] == ["a.bin", "b.bin"]
+    st.delete(["a.bin"])
+    assert not st.exists("a.bin")
+    with pytest.raises(FileNotFoundError, match="a.bin"):
+        st.read_bytes("a.bin")
+
+
+def test_a_failed_write_leaves_nothing(url_and_options):
+    st = _storage(url_and_options)
+    st.makedirs()
+
+    def producer(f):
+        f.write(b"half of a file")
+        raise ValueError("producer failed")
+
+    with pytest.raises(ValueError, match="producer failed"):
+        st.write_with("torn.bin", producer)
+    assert "torn.bin" not in st.listdir()
+    assert not [n for n in st.listdir() if ".tmp-" in n]
+
+
+def test_commit_restore_and_partials(url_and_options):
+    st = _storage(url_and_options)
+    store = rh.CheckpointStore(st, retention=rh.RetentionPolicy(max_to_keep=2))
+    for step in (1, 2, 3):
+        store.commit(step, store.write_data(step, {"w": np.full(4, step, np.float32)}))
+    store.write_data(9, {"w": np.full(4, 9, np.float32)})  # written, never committed: a partial
+    assert [i.step for i in store.committed()] == [2, 3]
+    assert store.latest().step == 3
+    assert any(n.startswith("model.ckpt-9.") for n in store.partials())
+    state = {"w": np.zeros(4, np.float32)}
+    assert store.restore_latest(rh.NumpySaver(state)).step == 3
+    np.testing.assert_array_equal(state["w"], np.full(4, 3, np.float32))
+    assert store.verify(store.latest()) == []
+
+
+def test_restore_falls_back_past_a_damaged_checkpoint(url_and_options, caplog):
+    st = _storage(url_and_options)
+    store = rh.CheckpointStore(st)
+    for step in (1, 2):
+        store.commit(step, store.write_data(step, {"w": np.full(4, step, np.float32)}))
+    data = "model.ckpt-2.data-00000-of-00001"
+    damaged = bytearray(st.read_bytes(data))
+    damaged[0] ^= 0xFF
+    st.write_bytes(data, bytes(damaged))
+    state = {"w": np.zeros(4, np.float32)}
+    assert store.restore_latest(rh.NumpySaver(state)).step == 1
+    np.testing.assert_array_equal(state["w"], np.full(4, 1, np.float32))
+    assert data in caplog.text
+
+
+def test_session_end_to_end_and_resume(url_and_options):
+    url, options = url_and_options
+    state = {"w": np.zeros(3, np.float32)}
+
+    def step():
+        state["w"] += 1
+        return {"loss": float(state["w"][0])}
+
+    def run(last_step):
+        with rh.MonitoredTrainingSession(
+                checkpoint_dir=url, save_checkpoint_steps=3, save_summaries_steps=2, log_step_count_steps=None,
+                scaffold=rh.Scaffold(summary_op=["loss"]), hooks=[rh.StopAtStepHook(last_step=last_step)],
+                state=state, storage_options=options) as sess:
+            while not sess.should_stop():
+                sess.run(step)
+        return sess
+
+    assert run(7).global_step == 7
+    store = rh.CheckpointStore(rh.Storage(url, options))
+    assert [i.step for i in store.committed()] == [0, 3, 6, 7]
+    state["w"][:] = -1  # the next session must restore step 7's values
+    assert run(10).global_step == 10
+    np.testing.assert_array_equal(state["w"], np.full(3, 10, np.float32))
+    assert store.latest().step == 10
+
+    st = rh.Storage(url, options)
+    names = [n for n in st.listdir() if n.startswith("events.out.tfevents")]
+    assert names
+    loss_steps = set()
+    for name in names:
+        with st.open_read(name) as f:
+            for record in events.read_records(f):
+                from tensorboard.compat.proto import event_pb2
+                event = event_pb2.Event.FromString(record)
+                if any(v.tag == "loss" for v in event.summary.value):
+                    loss_steps.add(event.step)
+    assert {1, 3, 5, 7, 8, 10} <= loss_steps
+
+
+def test_missing_bucket_fails_at_begin_with_the_url(gcs):
+    url = "gs://no-such-bucket-%s/run" % uuid.uuid4().hex[:8]
+    with pytest.raises(OSError, match="no-such-bucket"):
+        rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=1, state={"w": np.zeros(1)},
+                                    storage_options=GS_OPTIONS)
+
+
+def test_unknown_protocol_names_the_url():
+    with pytest.raises(ValueError, match="nope://bucket/run"):
+        rh.MonitoredTrainingSession(checkpoint_dir="nope://bucket/run", save_checkpoint_steps=1,
+                                    state={"w": np.zeros(1)})
