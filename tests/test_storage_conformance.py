@@ -14,7 +14,7 @@ import pytest
 
 import rayhooks as rh
 from rayhooks.formats import events
-from tests.gcs_emulator import GcsEmulator
+from gcs_emulator import GcsEmulator
 
 GS_OPTIONS = {"token": "anon", "project": "rayhooks-test"}
 
