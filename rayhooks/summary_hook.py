@@ -48,11 +48,13 @@ class SummarySaverHook(SessionRunHook):
         return self._scaffold.summary_op
 
     def before_run(self, run_context):
+        # TF1 fetched the global step on every run; the session already knows it,
+        # so a step without a summary asks for nothing and costs no fetch.
         self._request_summary = self._next_step is None or self._timer.should_trigger_for_step(self._next_step)
-        requests = {"global_step": GLOBAL_STEP}
         if self._request_summary and self._ops:
-            requests["summary"] = [op for op in self._ops if not callable(op) or hasattr(op, "numpy")]
-        return SessionRunArgs(requests)
+            return SessionRunArgs({"global_step": GLOBAL_STEP,
+                                   "summary": [op for op in self._ops if not callable(op) or hasattr(op, "numpy")]})
+        return None
 
     def after_run(self, run_context, run_values):
         if not self._summary_writer:
