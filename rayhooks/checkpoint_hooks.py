@@ -138,6 +138,7 @@ class CheckpointSaverHook(SessionRunHook):
         estimate = getattr(self, "_last_nbytes", 0)
         if not writer.admit(estimate, wait=wait):
             return None
+        self._on_admitted(session)
         try:
             logger.info("[step=%d] Calling checkpoint listeners before saving checkpoint %d...", step, step)
             for listener in self._listeners:
@@ -189,6 +190,9 @@ class CheckpointSaverHook(SessionRunHook):
                 should_stop = True
         return should_stop
 
+    def _on_admitted(self, session):
+        """Called once a save has room, before `before_save`."""
+
     def _write_graph(self, step_fn):
         from rayhooks import graphs
         graphs.write_step_graph(step_fn, self.store.storage, self._summary_writer)
@@ -219,6 +223,7 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         self._max_in_flight = max_in_flight
         self._max_in_flight_bytes = max_in_flight_bytes
         self._last_checkpoint_step = None
+        self._stop_from_listeners = False
         self.skipped_saves = 0
         self._session = None
         BackgroundWriter("check", max_in_flight, max_in_flight_bytes)  # validates now, not at begin()
@@ -236,16 +241,20 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         super().after_run(run_context, run_values)
 
     def _save(self, session, step):
-        if self._dispatch_completed(session):
-            return True
+        self._stop_from_listeners = self._dispatch_completed(session)
         future = self._snapshot_and_submit(session, step, wait=self._in_flight == "wait")
         if future is None:
             self.skipped_saves += 1
             logger.info("[step=%d] Saver thread still in progress, skipping checkpoint (%d skipped so far).",
                         step, self.skipped_saves)
-            return False
-        self._last_checkpoint_step = step
-        return False
+        else:
+            self._last_checkpoint_step = step
+        return self._stop_from_listeners
+
+    def _on_admitted(self, session):
+        # A save that waited for room lets the previous one finish first: its
+        # after_save runs now, so listeners see before/after pairs in TF1's order.
+        self._stop_from_listeners = self._dispatch_completed(session) or self._stop_from_listeners
 
     def _dispatch_completed(self, session):
         """Runs after_save for every checkpoint committed since the last call."""

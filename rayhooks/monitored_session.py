@@ -54,7 +54,10 @@ class MonitoredSession:
       global_step: a variable (such as `optimizer.iterations`) read once at
         creation, when no checkpoint is restored, to start the step count.
       steps_per_run: how many training steps one `run` performs; hooks see
-        the global step advance by that much per run.
+        the global step advance by that much per run. As in TF1, only the
+        checkpoint and step-counter hooks account for it; `StopAtStepHook`
+        and `SummarySaverHook` keep TF1's one-step arithmetic, except that
+        rayhooks stops exactly at `last_step` (TF1 could overshoot by a run).
     """
 
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,

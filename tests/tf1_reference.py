@@ -72,6 +72,8 @@ class Spec:
     max_to_keep: int = 100
     defaults: bool = False
     listener: bool = True
+    input_runs: Optional[int] = None         # the input ends (OutOfRangeError) in run input_runs + 1
+    coord_stop_at_create: bool = False       # the recording hook calls coord.request_stop() at creation
 
 
 @dataclasses.dataclass
@@ -171,10 +173,11 @@ def collect(directory, trace, runs, stop_requested, final_step):
 
 def _recording_classes():
     class RecordingHook(tf.compat.v1.train.SessionRunHook):
-        def __init__(self, trace, clock, secs_per_step):
+        def __init__(self, trace, clock, spec):
             self._trace = trace
             self._clock = clock
-            self._secs = secs_per_step
+            self._secs = spec.secs_per_step
+            self._coord_stop = spec.coord_stop_at_create
 
         def begin(self):
             self._global_step = tf.compat.v1.train.get_global_step()
@@ -185,6 +188,8 @@ def _recording_classes():
 
         def after_create_session(self, session, coord):
             self._trace.append(("after_create_session", self._step(session)))
+            if self._coord_stop:
+                coord.request_stop()
 
         def before_run(self, run_context):
             self._trace.append(("before_run", self._step(run_context.session)))
@@ -232,7 +237,11 @@ def run_tf1(spec: Spec, checkpoint_dir: str, clock: FakeClock) -> Outcome:
         # step before or after the increment at random).
         read = training_util._get_or_create_global_step_read()
         loss = tf.identity(w.read_value(), name="loss_value")
-        with tf.control_dependencies([read, loss]):
+        deps = [read, loss]
+        if spec.input_runs is not None:
+            dataset = tf.data.Dataset.range(spec.input_runs)
+            deps.append(tf.compat.v1.data.make_one_shot_iterator(dataset).get_next())
+        with tf.control_dependencies(deps):
             train_op = tf.group(w.assign_add(float(k)),
                                 tf.compat.v1.assign_add(global_step, tf.constant(k, tf.int64)))
         loss_summary = tf.compat.v1.summary.scalar(LOSS_TAG, loss)
@@ -244,7 +253,7 @@ def run_tf1(spec: Spec, checkpoint_dir: str, clock: FakeClock) -> Outcome:
                                                                  last_step=spec.last_step))
         if spec.extra_stop_last_step is not None:
             stop_hooks.append(tf.compat.v1.train.StopAtStepHook(last_step=spec.extra_stop_last_step))
-        hooks = stop_hooks + [RecordingHook(trace, clock, spec.secs_per_step)]
+        hooks = stop_hooks + [RecordingHook(trace, clock, spec)]
 
         if spec.defaults:
             kwargs = dict(log_step_count_steps=spec.log_step_count_steps)
@@ -262,7 +271,8 @@ def run_tf1(spec: Spec, checkpoint_dir: str, clock: FakeClock) -> Outcome:
             if spec.log_step_count_steps:
                 counter = tf.compat.v1.train.StepCounterHook(every_n_steps=spec.log_step_count_steps,
                                                              output_dir=checkpoint_dir)
-                counter._set_steps_per_run(k)  # TF1's only (private) steps_per_run switch
+                if k != 1:
+                    counter._set_steps_per_run(k)  # TF1's only (private) steps_per_run switch
                 chief_only.append(counter)
             if spec.summary_steps is not None or spec.summary_secs is not None:
                 chief_only.append(tf.compat.v1.train.SummarySaverHook(
@@ -272,13 +282,14 @@ def run_tf1(spec: Spec, checkpoint_dir: str, clock: FakeClock) -> Outcome:
                 saver_hook = tf.compat.v1.train.CheckpointSaverHook(
                     checkpoint_dir, save_secs=spec.save_secs, save_steps=spec.save_steps,
                     scaffold=scaffold, listeners=listeners, save_graph_def=False)
-                saver_hook._set_steps_per_run(k)
+                if k != 1:  # left alone, TF1's default (10**6) keeps its exact one-step behaviour
+                    saver_hook._set_steps_per_run(k)
                 chief_only.append(saver_hook)
             session = tf.compat.v1.train.MonitoredTrainingSession(
                 checkpoint_dir=checkpoint_dir, scaffold=scaffold, hooks=hooks, chief_only_hooks=chief_only,
                 save_checkpoint_secs=None, save_checkpoint_steps=None, save_summaries_steps=None,
                 save_summaries_secs=None, log_step_count_steps=None)
-        runs = 0
+        runs, stop_requested = 0, None  # stays None when the input ends
         with session as sess:
             while not sess.should_stop() and runs < spec.max_runs:
                 sess.run(train_op)
