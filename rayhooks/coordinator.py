@@ -8,20 +8,23 @@ class Coordinator:
 
     def __init__(self):
         self._stop = threading.Event()
+        self.stop_requested = False  # a plain attribute: the training loop reads it every step
         self._exc_info = None
 
     def request_stop(self, ex=None):
         if ex is not None and self._exc_info is None:
             self._exc_info = ex
+        self.stop_requested = True
         self._stop.set()
 
     def should_stop(self) -> bool:
-        return self._stop.is_set()
+        return self.stop_requested
 
     def wait_for_stop(self, timeout=None) -> bool:
         return self._stop.wait(timeout)
 
     def clear_stop(self):
+        self.stop_requested = False
         self._stop.clear()
         self._exc_info = None
 

@@ -110,11 +110,11 @@ class MonitoredSession:
         return self.handle.global_step
 
     def should_stop(self) -> bool:
-        return self._should_stop or self._closed or self.coord.should_stop()
+        return self._should_stop or self.coord.stop_requested
 
     def run(self, step_fn, *args, **kwargs):
         """Runs `step_fn(*args, **kwargs)` with the hooks; returns what it returns."""
-        if self._should_stop or self._closed:
+        if self._should_stop:
             raise RuntimeError("Run called even after should_stop requested.")
         handle = self.handle
         cached_fn, original = self._args_cache
@@ -159,6 +159,7 @@ class MonitoredSession:
         if self._closed:
             raise RuntimeError("Session is already closed.")
         self._closed = True
+        self._should_stop = True  # a closed session runs nothing more
         if exc_type is None:
             for hook in self._hooks:
                 hook.end(self.handle)

@@ -40,6 +40,7 @@ class SummarySaverHook(SessionRunHook):
             Storage(self._output_dir, self._storage_options).check_writable()
             self._summary_writer = SummaryWriterCache.get(self._output_dir, self._storage_options)
         self._next_step = None
+        self._due = 0
         self._ops = _normalise(self._get_summary_op())
 
     def _get_summary_op(self):
@@ -50,7 +51,11 @@ class SummarySaverHook(SessionRunHook):
     def before_run(self, run_context):
         # TF1 fetched the global step on every run; the session already knows it,
         # so a step without a summary asks for nothing and costs no fetch.
-        self._request_summary = self._next_step is None or self._timer.should_trigger_for_step(self._next_step)
+        next_step = self._next_step
+        if next_step is not None and next_step < self._due:
+            self._request_summary = False
+            return None
+        self._request_summary = next_step is None or self._timer.should_trigger_for_step(next_step)
         if self._request_summary and self._ops:
             return SessionRunArgs({"global_step": GLOBAL_STEP,
                                    "summary": [op for op in self._ops if not callable(op) or hasattr(op, "numpy")]})
@@ -59,11 +64,16 @@ class SummarySaverHook(SessionRunHook):
     def after_run(self, run_context, run_values):
         if not self._summary_writer:
             return
+        if not self._request_summary and self._next_step is not None:
+            self._next_step = run_context.session.global_step + 1
+            return
         global_step = run_context.session.global_step
         if self._next_step is None:
             self._summary_writer.add_session_log("START", global_step)
         if self._request_summary:
             self._timer.update_last_triggered_step(global_step)
+            nxt = self._timer.next_step_trigger()
+            self._due = 0 if nxt is None else nxt
             if self._ops:
                 fetched = iter(run_values.results["summary"])
                 outputs = run_context.session.outputs
