@@ -100,6 +100,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backend", choices=["ray", "local"], default="ray")
+    parser.add_argument("--gpus-per-worker", type=float, default=0,
+                        help="GPUs each Ray worker reserves (on a GPU cluster: 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = args.out.rstrip("/")
@@ -109,6 +111,7 @@ def main(argv=None):
     print("training on load_digits for %d steps with %d %s workers" % (args.steps, args.workers, args.backend))
     result = rh.launch(
         train_fn, num_workers=args.workers, backend=args.backend,
+        resources_per_worker={"CPU": 1, "GPU": args.gpus_per_worker} if args.gpus_per_worker else None,
         chief_only_hooks=[
             rh.AsyncCheckpointSaverHook(ckpt_dir, save_steps=50, listeners=[EvaluateEachCheckpoint()]),
             rh.SummarySaverHook(save_steps=10, output_dir=log_dir, summary_op=["loss", "accuracy"]),

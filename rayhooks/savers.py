@@ -67,18 +67,31 @@ class _BufferPool:
                 self._free.setdefault((key, arr.shape, arr.dtype), []).append(arr)
 
 
+def _read_in_place(trackable, key):
+    """A CPU variable's current value without a copy, or None where that does not apply."""
+    if not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):
+        return None
+    read = getattr(trackable, "read_value_no_copy", None)
+    device = getattr(trackable, "device", "") or ""
+    if read is None or "CPU" not in device.upper():
+        return None
+    return read()
+
+
 def _host_copy(value, pool: _BufferPool, pool_key, taken: list):
     """Copies one value into a pooled host buffer; strings stay Python objects."""
     if isinstance(value, (bytes, str)):
         return value, len(value)
     arr = value
     if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
-        # On CPU `.numpy()` aliases the tensor's buffer, which training may
-        # update in place; on an accelerator it is already a fresh host copy.
         device = getattr(value, "device", "") or ""
-        arr = value.numpy()
-        if device and "CPU" not in device.upper() and isinstance(arr, np.ndarray) and arr.dtype != object:
-            return arr, arr.nbytes
+        if device and "CPU" not in device.upper():
+            arr = value.numpy()  # from an accelerator this is already a fresh host copy
+            if isinstance(arr, np.ndarray) and arr.dtype != object:
+                return arr, arr.nbytes
+        else:
+            # `.numpy()` would copy; `_numpy()` is a view of the CPU buffer, copied once below.
+            arr = value._numpy() if hasattr(value, "_numpy") else value.numpy()
     arr = np.asarray(arr)
     if arr.dtype == object:
         return arr.copy(), int(sum(len(x) for x in arr.ravel()))
@@ -141,13 +154,17 @@ class TrackableSaver:
                              "save those objects with a TF checkpoint of their own"
                              % ", ".join(sorted(map(str, registered))))
         tensors, nbytes, taken = {}, 0, {}
-        for per_object in serialized.values():
+        for trackable, per_object in serialized.items():
             for key, value in per_object.items():
                 if isinstance(value, Mapping):
                     raise ValueError("tensor %r is partitioned (slice specs %s); rayhooks saves whole "
                                      "tensors only" % (key, sorted(value)))
                 if not hasattr(value, "numpy") and hasattr(value, "tensor"):
-                    value = value.tensor  # a SaveSpec (TF's tensor_callable.Callable): read the variable now
+                    # A SaveSpec: TF would read the variable through an identity
+                    # op (a full copy); a plain variable is read in place instead,
+                    # and `_host_copy` makes the one copy into a pooled buffer.
+                    direct = _read_in_place(trackable, key)
+                    value = value.tensor if direct is None else direct
                 elif callable(value):
                     value = value()
                 bufs = taken.setdefault(key, [])
