@@ -16,6 +16,8 @@ moved on, the snapshot here is consistent: it holds the state after step S.
 """
 
 import logging
+import signal
+import threading
 import time
 
 from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
@@ -68,10 +70,19 @@ class CheckpointSaverHook(SessionRunHook):
     def __init__(self, checkpoint_dir, save_secs=None, save_steps=None, saver=None,
                  checkpoint_basename="model.ckpt", scaffold=None, listeners=None, save_graph_def=True,
                  *, max_to_keep=5, keep_checkpoint_every_n_hours=None, storage_options=None,
-                 retry=None, clock=None):
+                 retry=None, clock=None, on_write_error="raise", save_on_signals=(signal.SIGTERM,)):
         logger.info("Create %s.", type(self).__name__)
         if saver is not None and scaffold is not None:
             raise ValueError("You cannot provide both saver and scaffold.")
+        if on_write_error not in ("raise", "retry_next_save"):
+            raise ValueError("on_write_error must be 'raise' (stop the run at the failed save; the default) "
+                             "or 'retry_next_save' (log it, keep training, try again at the next save); "
+                             "got %r" % (on_write_error,))
+        self._on_write_error = on_write_error
+        self._save_on_signals = tuple(save_on_signals or ())
+        self._previous_handlers = {}
+        self._preempted = False
+        self.failed_saves = 0
         self._saver = as_saver(saver)
         self._scaffold = scaffold
         self._checkpoint_dir = checkpoint_dir
@@ -92,6 +103,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._steps_per_run = steps_per_run
 
     def begin(self):
+        self._install_signal_handlers()
         self.store.storage.check_writable()
         self._writer = self._new_writer()
         self._summary_writer = SummaryWriterCache.get(self._checkpoint_dir, self.store.storage.storage_options)
@@ -100,6 +112,60 @@ class CheckpointSaverHook(SessionRunHook):
 
     def _new_writer(self):
         return BackgroundWriter(self._what)
+
+    # -- preemption -------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        """On SIGTERM (preemption), save at the next step boundary and stop.
+
+        Only the main thread may set signal handlers; elsewhere this is a no-op
+        and the process's own handling applies.
+        """
+        if not self._save_on_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self._save_on_signals:
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        # Runs between bytecodes of the training thread: only set flags here.
+        self._preempted = True
+        self._due = 0
+
+    def _restore_signal_handlers(self):
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def _emergency_save(self, run_context):
+        step = run_context.session.global_step
+        logger.warning("[step=%d] preemption signal received: saving a checkpoint now and stopping", step)
+        self._preempted = False
+        if self._writer.wait_idle():
+            self._drain(run_context.session)
+        if step != self._last_saved_step():
+            CheckpointSaverHook._save(self, run_context.session, step)
+            self._timer.update_last_triggered_step(step)
+        run_context.request_stop()
+
+    def _last_saved_step(self):
+        return self._timer.last_triggered_step()
+
+    def _drain(self, session):
+        """Runs after_save for saves completed in the background (the async hook has some)."""
+        return False
+
+    def _check_writer(self):
+        """Raises a failed background save, or logs it under on_write_error='retry_next_save'."""
+        try:
+            self._writer.raise_if_failed()
+        except Exception as e:
+            if self._on_write_error == "raise":
+                raise
+            self.failed_saves += 1
+            logger.error("%s; training goes on and the next save retries (on_write_error='retry_next_save', "
+                         "%d failed so far)", e, self.failed_saves)
+            return False
+        return True
 
     def _get_saver(self, session):
         saver = self._saver
@@ -122,6 +188,9 @@ class CheckpointSaverHook(SessionRunHook):
         step = run_context.session.global_step
         if step < self._due:
             return  # the per-step path: one compare, no clock, no I/O (DESIGN I4)
+        if self._preempted:
+            self._emergency_save(run_context)
+            return
         if self._save_graph_def and not self._graph_written:
             self._graph_written = True
             self._write_graph(run_context.original_args.fetches)
@@ -132,6 +201,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._due = _next_due(self._timer)
 
     def end(self, session):
+        self._restore_signal_handlers()
         last_step = session.global_step
         if last_step != self._timer.last_triggered_step():
             self._save(session, last_step)
@@ -145,7 +215,7 @@ class CheckpointSaverHook(SessionRunHook):
     def _snapshot_and_submit(self, session, step, wait):
         """before_save, snapshot, hand to the writer; returns the future, or None if skipped."""
         writer = self._writer
-        writer.raise_if_failed()
+        self._check_writer()
         estimate = getattr(self, "_last_nbytes", 0)
         if not writer.admit(estimate, wait=wait):
             return None
@@ -183,14 +253,16 @@ class CheckpointSaverHook(SessionRunHook):
         future = self._snapshot_and_submit(session, step, wait=True)
         try:
             info = future.result()
-        except BaseException:
-            self._writer.raise_if_failed()
-            raise
+        except Exception:
+            if self._check_writer():
+                raise
+            return False
         self._writer.completed.clear()
         return self._after_commit(session, step, info)
 
     def _after_commit(self, session, step, info):
         session.latest_checkpoint = info.url
+        self.store.mark_listeners_started(step)  # at most once per step, even across a restart (I3)
         self._summary_writer.add_session_log("CHECKPOINT", step, checkpoint_path=self._save_path)
         logger.info("[step=%d] Calling checkpoint listeners after saving checkpoint %d...", step, step)
         should_stop = False
@@ -269,7 +341,7 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
 
     def _dispatch_completed(self, session):
         """Runs after_save for every checkpoint committed since the last call."""
-        self._writer.raise_if_failed()
+        self._check_writer()
         should_stop = False
         completed = self._writer.completed
         while completed:
@@ -277,7 +349,14 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
             should_stop = self._after_commit(session, step, info) or should_stop
         return should_stop
 
+    def _drain(self, session):
+        return self._dispatch_completed(session)
+
+    def _last_saved_step(self):
+        return self._last_checkpoint_step
+
     def end(self, session):
+        self._restore_signal_handlers()
         self._writer.wait_idle()
         self._dispatch_completed(session)
         last_step = session.global_step

@@ -32,6 +32,7 @@ logger = logging.getLogger("rayhooks")
 
 STATE_FILE = "checkpoint"
 MANIFEST_SUFFIX = ".manifest.json"
+LISTENERS_SUFFIX = ".after_save"
 MANIFEST_FORMAT = "rayhooks.checkpoint/1"
 _CHUNK = 8 << 20
 
@@ -146,8 +147,15 @@ class CheckpointStore:
         self.storage.write_bytes(STATE_FILE, state_file.format_state(state).encode())
         for info in dropped:  # the manifest goes first: a half-deleted checkpoint is then a partial
             self.storage.delete([info.prefix + MANIFEST_SUFFIX])
-            self.storage.delete(sorted(info.files))
+            self.storage.delete(sorted(info.files) + [info.prefix + LISTENERS_SUFFIX])
         self.collect_partials()
+
+    def mark_listeners_started(self, step: int) -> None:
+        """Records that after_save(step) is being dispatched, before it runs (at most once, I3)."""
+        self.storage.write_bytes(self.prefix_for(step) + LISTENERS_SUFFIX, b"")
+
+    def listeners_started(self, step: int) -> bool:
+        return self.storage.exists(self.prefix_for(step) + LISTENERS_SUFFIX)
 
     # -- reading --------------------------------------------------------------
 
