@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
@@ -67,28 +67,30 @@ def time_call(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def interleaved(anchor: Callable[[int], float], subject: Callable[[int], float], n: int, repeats: int,
-                warmup: int = 1):
-    """Per-step seconds of `anchor(n)` and `subject(n)` (each returns the wall time of `n` steps).
+def interleaved(anchor: Callable[[int], float], subjects: Dict[str, Callable[[int], float]], n: int,
+                repeats: int, warmup: int = 1):
+    """Per-step seconds of `anchor(n)` and of each subject (each returns the wall time of `n` steps).
 
-    The two alternate (ABBA order) within every repeat, so a slow patch on the
-    machine lands on both. Returns (anchor_per_step, subject_per_step,
-    overhead_per_step) lists, one entry per repeat.
+    All of them run in every repeat, the order reversed every other repeat
+    (A S1 S2, S2 S1 A, ...), so a slow patch on the machine lands on all.
+    Returns (anchor_per_step, {name: subject_per_step}, {name: overhead_per_step}),
+    lists with one entry per repeat; overhead = subject - anchor of the same repeat.
     """
+    order = [("", anchor)] + list(subjects.items())
     for _ in range(warmup):
-        anchor(n)
-        subject(n)
-    a_out, s_out, d_out = [], [], []
+        for _, fn in order:
+            fn(n)
+    a_out = []
+    s_out = {name: [] for name in subjects}
+    d_out = {name: [] for name in subjects}
     for r in range(repeats):
-        if r % 2 == 0:
-            a = anchor(n) / n
-            s = subject(n) / n
-        else:
-            s = subject(n) / n
-            a = anchor(n) / n
-        a_out.append(a)
-        s_out.append(s)
-        d_out.append(s - a)
+        got = {}
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            got[name] = fn(n) / n
+        a_out.append(got[""])
+        for name in subjects:
+            s_out[name].append(got[name])
+            d_out[name].append(got[name] - got[""])
     return a_out, s_out, d_out
 
 

@@ -59,6 +59,8 @@ class Chief:
         self._last_checkpoint_step = None
         self._rules: Dict[str, Action] = {}
         self._before_saved = set()
+        self._cancelled = set()  # planned steps a writer skipped: the final save must not count on them
+        self._final_saves = set()  # final saves announced by a worker's end, which the other writers owe too
         self.planner = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -145,7 +147,11 @@ class Chief:
             for s, values in sorted(outputs.items()):
                 self._write_summaries(s, values)
             self._replay(step)
-        for s in skipped:
+        # Only a worker that writes shards can skip a save: a late plan on a worker that
+        # writes nothing (worker > 0 without all_workers_write) must not count or cancel it.
+        ck = self.spec.checkpoint
+        writes = ck is not None and (worker == 0 or ck.all_workers_write)
+        for s in (skipped if writes else ()):
             self._cancel(s, "worker %d skipped it (its previous save was still in flight, or the plan "
                             "reached it late)" % worker)
         for s, worker_index, files in shards:
@@ -235,6 +241,7 @@ class Chief:
     def _cancel(self, step: int, why: str) -> None:
         if self._announced.pop(step * 2, None) is not None or self._expects_checkpoint(step):
             self.skipped_saves += 1
+            self._cancelled.add(step)
             self._shards.pop(step, None)
             self.planner.done(Action(step, CHECKPOINT))
             logger.info("[step=%d] checkpoint skipped: %s", step, why)
@@ -246,11 +253,18 @@ class Chief:
         self._ended[worker] = step
         self.progress[worker] = max(self.progress.get(worker, 0), step)
         ck = self.spec.checkpoint
-        if ck is None or step == self._last_checkpoint_step or self._expects_checkpoint(step):
+        if ck is not None and step in self._final_saves:
+            # Another writer's end announced this final save: with all_workers_write, this
+            # worker's shard is part of it (without it the checkpoint could never commit).
+            return [Action(step, CHECKPOINT)] if ck.all_workers_write else []
+        # A planned step that a writer skipped (in_flight="skip") is no save: the final one is still due.
+        if ck is None or step == self._last_checkpoint_step or (
+                self._expects_checkpoint(step) and step not in self._cancelled):
             return []
         action = Action(step, CHECKPOINT)
         if worker == 0 or ck.all_workers_write:
             self._announce([action])
+            self._final_saves.add(step)
             return [action]
         return []
 

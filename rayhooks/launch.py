@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import threading
+import traceback
 from typing import Dict, List, Optional
 
 from rayhooks.basic_hooks import StopAtStepHook
@@ -101,6 +102,7 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
         for ctx in contexts:
             ctx.agent.receive(first)
         results, errors = [None] * num_workers, [None] * num_workers
+        tracebacks = [None] * num_workers  # the message carries the worker's traceback, as on Ray (WorkerError)
         failed = threading.Event()
 
         def run(i):
@@ -108,6 +110,7 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
                 results[i] = train_fn(contexts[i])
             except BaseException as e:
                 errors[i] = e
+                tracebacks[i] = traceback.format_exc()
                 failed.set()
                 chief_thread.post("worker_failed", i, repr(e))
                 for ctx in contexts:  # the others stop at their next step rather than wait on a dead peer
@@ -124,8 +127,8 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
         chief_thread.close()
     for i, error in enumerate(errors):
         if error is not None:
-            raise RuntimeError("worker %d failed: %r; checkpoints committed before it stay committed"
-                               % (i, error)) from error
+            raise RuntimeError("worker %d failed: %r; checkpoints committed before it stay committed\n%s"
+                               % (i, error, tracebacks[i])) from error
     return _result(summary, results)
 
 

@@ -117,12 +117,14 @@ class WorkerAgent(SessionRunHook):
         if due:
             self._next_report = 0.0
 
-    def _save(self, session, step):
+    def _save(self, session, step, final=False):
         ck = self.spec.checkpoint
         writer = self._writer
         writer.raise_if_failed()
         estimate = getattr(self, "_last_nbytes", 0)
-        if not writer.admit(estimate, wait=not ck.asynchronous or ck.in_flight == "wait"):
+        # The final save waits for room even with in_flight="skip", as AsyncCheckpointSaverHook.end
+        # does: skipping it would end the run on an older checkpoint than its last step.
+        if not writer.admit(estimate, wait=final or not ck.asynchronous or ck.in_flight == "wait"):
             self._skipped.append(step)
             return
         snapshot = session.saver.snapshot()
@@ -167,7 +169,7 @@ class WorkerAgent(SessionRunHook):
         self.flush_report(step)
         for action in self._transport.worker_end(self.worker_index, step):
             if action.kind == CHECKPOINT and self.writes:
-                self._save(session, step)
+                self._save(session, step, final=True)
         if self._writer is not None:
             self._writer.close()
         self.flush_report(step, wait=True)  # the chief has every shard before the driver asks it to finish

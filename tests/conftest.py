@@ -56,3 +56,21 @@ def _close_cached_summary_writers():
         module.SummaryWriterCache.clear()
     except Exception:  # the directory was broken on purpose by the test
         pass
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs), shut down at the end.
+
+    Tests that launch on Ray request this fixture; tests that do not never
+    start Ray. An instance started elsewhere (e.g. RAY_ADDRESS) is reused and
+    left running.
+    """
+    import ray  # a dependency of rayhooks: missing it is an error, not a skip
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()

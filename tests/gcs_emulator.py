@@ -18,15 +18,18 @@ def free_port() -> int:
 class GcsEmulator:
     """Starts `gcp-storage-emulator start --in-memory` and points gcsfs at it."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, data_dir=None):
+        self.data_dir = data_dir  # None: in memory; a directory: data survives a restart
         self.port = port or free_port()
         self.endpoint = "http://127.0.0.1:%d" % self.port
         self.proc = None
 
     def start(self, timeout=30.0):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-             "--port", str(self.port), "--in-memory"],
+            [sys.executable, "-m", "gcp_storage_emulator"]
+            + ([] if self.data_dir is None else ["-d", self.data_dir])
+            + ["start", "--host", "127.0.0.1", "--port", str(self.port)]
+            + (["--in-memory"] if self.data_dir is None else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:  # polls readiness of a server in another process; not a synchronisation sleep
@@ -57,3 +60,8 @@ class GcsEmulator:
         fs.mkdir(name)
         fs.invalidate_cache()
         return name
+
+    def restart(self):
+        """Stops the server and starts it again on the same port (data kept with a data_dir)."""
+        self.stop()
+        return self.start()

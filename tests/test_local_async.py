@@ -93,6 +93,7 @@ class Recorder(rh.CheckpointSaverListener):
         self.stop_at = stop_at
         self.calls = []
         self.seen_latest = []
+        self.seen_committed = []
         self.threads = set()
 
     def before_save(self, session, global_step_value):
@@ -101,8 +102,9 @@ class Recorder(rh.CheckpointSaverListener):
     def after_save(self, session, global_step_value):
         self.calls.append(("after_save", global_step_value))
         self.threads.add(threading.get_ident())
-        self.seen_latest.append((global_step_value,
-                                 rh.CheckpointStore(rh.Storage(self.url)).latest().step))
+        store = rh.CheckpointStore(rh.Storage(self.url))
+        self.seen_latest.append((global_step_value, store.latest().step))
+        self.seen_committed.append((global_step_value, [i.step for i in store.committed()]))
         return self.stop_at is not None and global_step_value >= self.stop_at
 
     def end(self, session, global_step_value):
@@ -145,24 +147,6 @@ def _variable_state():
     return tf.train.Checkpoint(w=v), step, lambda values: values["w/.ATTRIBUTES/VARIABLE_VALUE"]
 
 
-@pytest.mark.parametrize("make_state", [_numpy_state, _variable_state], ids=["numpy", "tf_variable"])
-def test_checkpoint_holds_the_values_of_its_step(storage_url, make_state):
-    """I1: training runs on and mutates the state while step 2's write is held back."""
-    state, step, extract = make_state()
-    hook = rh.AsyncCheckpointSaverHook(storage_url, save_steps=2)
-    gate = Gate(hook.store, [2])
-    with _session(storage_url, hook, state=state, hooks=[rh.StopAtStepHook(last_step=6)]) as sess:
-        while not sess.should_stop():
-            sess.run(step)
-        assert gate.reached[2].wait(TIMEOUT)
-        assert _committed(storage_url) == [0]  # step 2 is still in flight
-        gate.open(2)
-    assert hook.skipped_saves == 2  # steps 4 and 6 found step 2 still in flight
-    assert _committed(storage_url) == [0, 2, 6]
-    for saved in (0, 2, 6):
-        np.testing.assert_array_equal(extract(_tensors(storage_url, saved)), np.full(4096, saved, np.float32))
-
-
 def test_skip_never_holds_more_than_one_snapshot(storage_url):
     state, step, extract = _numpy_state()
     saver = CountingSaver(rh.NumpySaver(state))
@@ -182,7 +166,7 @@ def test_skip_never_holds_more_than_one_snapshot(storage_url):
 
 
 class _SignallingHook(rh.AsyncCheckpointSaverHook):
-    """Calls `on_wait()` when a save has to wait for room (the writer is busy)."""
+    """Calls `on_wait()` when a save finds no room and is about to wait for it."""
 
     def __init__(self, *args, on_wait, **kwargs):
         super().__init__(*args, **kwargs)
@@ -194,12 +178,53 @@ class _SignallingHook(rh.AsyncCheckpointSaverHook):
 
         class Writer(BackgroundWriter):
             def admit(self, nbytes, wait, timeout=None):
-                if wait and self.busy():
-                    hook.waits += 1
-                    hook.on_wait()
-                return super().admit(nbytes, wait, timeout)
+                if super().admit(nbytes, wait=False):
+                    return True
+                if not wait:
+                    return False
+                hook.waits += 1
+                hook.on_wait()
+                return super().admit(nbytes, wait=True, timeout=timeout)
 
         return Writer(self._what, self._max_in_flight, self._max_in_flight_bytes)
+
+
+@pytest.mark.parametrize("make_state", [_numpy_state, _variable_state], ids=["numpy", "tf_variable"])
+def test_checkpoint_holds_the_values_of_its_step(storage_url, make_state):
+    """I1: training runs on, mutating the state in place, while step 2's write is held back.
+
+    The save at step 4 has to wait for step 2 (in_flight="wait"); only then is
+    step 2's write let through, so it certainly runs after steps 3 and 4.
+    """
+    state, step, extract = make_state()
+    live_at_release = []
+
+    def on_wait():
+        if run_count[0] >= 4 and not gate.opened[2].is_set():  # step 4's save, waiting for step 2
+            assert gate.reached[2].wait(TIMEOUT)
+            live_at_release.append(float(np.asarray(extract(state_values()))[0]))
+            gate.open(2)
+
+    if isinstance(state, dict):
+        state_values = lambda: state
+    else:
+        state_values = lambda: {"w/.ATTRIBUTES/VARIABLE_VALUE": state.w.numpy()}
+    run_count = [0]
+
+    def counted_step():
+        run_count[0] += 1
+        return step()
+
+    hook = _SignallingHook(storage_url, save_steps=2, in_flight="wait", on_wait=on_wait)
+    gate = Gate(hook.store, [2])
+    with _session(storage_url, hook, state=state, hooks=[rh.StopAtStepHook(last_step=6)]) as sess:
+        while not sess.should_stop():
+            sess.run(counted_step)
+    assert live_at_release == [4.0]  # the live state had moved on when step 2 was written
+    assert hook.skipped_saves == 0
+    assert _committed(storage_url) == [0, 2, 4, 6]
+    for saved in (0, 2, 4, 6):
+        np.testing.assert_array_equal(extract(_tensors(storage_url, saved)), np.full(4096, saved, np.float32))
 
 
 def test_wait_mode_waits_instead_of_skipping(storage_url):
@@ -245,12 +270,13 @@ def test_wait_mode_byte_budget_bounds_the_snapshots_in_memory(storage_url):
 def test_after_save_runs_only_after_the_commit(storage_url):
     state, step, _ = _numpy_state()
     recorder = Recorder(storage_url)
-    hook = rh.AsyncCheckpointSaverHook(storage_url, save_steps=2, listeners=[recorder])
+    hook = rh.AsyncCheckpointSaverHook(storage_url, save_steps=2, listeners=[recorder], in_flight="wait")
     gate = Gate(hook.store, [2], method="commit")
 
     def training_step():
-        if sess.global_step == 4:  # the run that makes step 5
-            assert ("after_save", 2) not in recorder.calls  # data written, not yet committed
+        if sess.global_step == 3:  # the run that makes step 4
+            assert gate.reached[2].wait(TIMEOUT)
+            assert ("after_save", 2) not in recorder.calls  # data written, manifest not yet
             gate.open(2)
             assert gate.done[2].wait(TIMEOUT)
         return step()
@@ -259,9 +285,9 @@ def test_after_save_runs_only_after_the_commit(storage_url):
         while not sess.should_stop():
             sess.run(training_step)
     after = [s for kind, s in recorder.calls if kind == "after_save"]
-    assert after == sorted(set(after))          # each at most once, in step order
-    assert 2 in after and 0 in after and 8 in after
-    assert recorder.seen_latest == [(s, s) for s in after]  # committed, and the newest, at after_save
+    assert after == [0, 2, 4, 6, 8]             # each once, in step order
+    for saved, committed_then in recorder.seen_committed:
+        assert saved in committed_then           # durable when after_save ran
     assert recorder.threads == {threading.get_ident()}  # in the training thread
     assert recorder.calls[-1] == ("end", 8)
 
@@ -275,13 +301,19 @@ def test_after_save_sees_its_own_checkpoint_committed(storage_url):
             sess.run(step)
     committed = _committed(storage_url)
     assert committed[0] == 0 and committed[-1] == 9
-    assert recorder.seen_latest == [(s, s) for s in committed]
+    assert [s for s, _ in recorder.seen_committed] == committed  # once per committed checkpoint
+    for saved, committed_then in recorder.seen_committed:
+        assert saved in committed_then
+    # A later save may commit between the writer's commit and the training thread's
+    # after_save, so "latest" is this checkpoint or a newer one, never an older one.
+    for saved, latest in recorder.seen_latest:
+        assert latest >= saved
 
 
 def test_stop_from_after_save_is_honoured(storage_url):
     state, step, _ = _numpy_state()
     recorder = Recorder(storage_url, stop_at=2)
-    hook = rh.AsyncCheckpointSaverHook(storage_url, save_steps=2, listeners=[recorder])
+    hook = rh.AsyncCheckpointSaverHook(storage_url, save_steps=2, listeners=[recorder], in_flight="wait")
     gate = Gate(hook.store, [2], method="commit")
     runs = []
 

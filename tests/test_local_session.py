@@ -297,3 +297,24 @@ def test_save_graph_def_false_writes_no_graph(storage_url):
             sess.run(step)
     assert "graph.pbtxt" not in rh.Storage(storage_url).listdir()
     assert _committed(storage_url) == [0, 2]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(storage_url, caplog):
+    import logging
+    _train(storage_url, _numpy_state(), last_step=7, save_checkpoint_steps=3)
+    storage = rh.Storage(storage_url)
+    damaged = "model.ckpt-7.data-00000-of-00001"
+    data = bytearray(storage.read_bytes(damaged))
+    data[-1] ^= 0x55
+    storage.write_bytes(damaged, bytes(data))
+
+    state = _numpy_state()
+    with caplog.at_level(logging.WARNING, logger="rayhooks"):
+        first, last = _train(storage_url, state, last_step=9, save_checkpoint_steps=3)
+    assert (first, last) == (6, 9)  # resumed from step 6, the newest checkpoint that verifies
+    assert storage_url + "/" + damaged in caplog.text
+    np.testing.assert_array_equal(state["w"], np.full((2, 3), 9, np.float32))
+    np.testing.assert_array_equal(_values(storage_url, 9)["w"], np.full((2, 3), 9, np.float32))
+    store = rh.CheckpointStore(storage)
+    assert store.latest().step == 9
+    assert store.verify(store.latest()) == []

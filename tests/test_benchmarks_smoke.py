@@ -1,0 +1,140 @@
+"""Smoke tests for `benchmarks/`: each benchmark runs in a tiny configuration and returns sane numbers.
+
+No timing is asserted: the numbers of a tiny run mean nothing. What is checked
+is that every loop and every save really ran (step counts, committed
+checkpoints), that every figure is a finite positive number, and that the
+command line writes a results file naming the machine and every target.
+"""
+
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `benchmarks` sits beside `rayhooks`, not installed
+    sys.path.insert(0, REPO_ROOT)
+
+import pytest  # noqa: E402
+
+from benchmarks import BENCHMARKS, bench_checkpoint_stall, bench_step_overhead, common  # noqa: E402
+from benchmarks.__main__ import main  # noqa: E402
+
+
+def _positive_finite(values):
+    values = list(values)
+    assert values, "no measurements"
+    for v in values:
+        assert math.isfinite(v) and v > 0, values
+
+
+# -- common -------------------------------------------------------------------------------
+
+def test_stat_is_median_min_max_over_repeats():
+    s = common.Stat.of([5.0, 1.0, 3.0, 2.0])
+    assert (s.median, s.min, s.max, s.n) == (2.5, 1.0, 5.0, 4)
+    assert s.scaled(1e3).median == 2500.0
+    assert s.format(1, "ms") == "2.5 [1.0–5.0] ms"
+    with pytest.raises(ValueError):
+        common.Stat.of([])
+
+
+def test_paired_ratios_and_table():
+    assert common.paired_ratios([2.0, 9.0], [1.0, 3.0]) == [2.0, 3.0]
+    with pytest.raises(ValueError):
+        common.paired_ratios([1.0], [1.0, 2.0])
+    table = common.markdown_table(["a", "bb"], [["1", "2"], ["333", "4"]])
+    lines = table.splitlines()
+    assert len(lines) == 4 and all(line.startswith("|") for line in lines)
+    assert len({len(line) for line in lines}) == 1  # padded columns
+    with pytest.raises(ValueError):
+        common.markdown_table(["a"], [["1", "2"]])
+
+
+def test_interleaved_pairs_subjects_with_anchor():
+    calls = []
+
+    def timed(name, per_step):
+        def fn(n):
+            calls.append(name)
+            return per_step * n
+        return fn
+
+    a, s, d = common.interleaved(timed("a", 1.0), {"x": timed("x", 3.0), "y": timed("y", 4.5)},
+                                 n=10, repeats=3, warmup=1)
+    assert a == [1.0] * 3 and s == {"x": [3.0] * 3, "y": [4.5] * 3} and d == {"x": [2.0] * 3, "y": [3.5] * 3}
+    # warm-up, then every repeat runs all three, the order reversed every other repeat
+    assert "".join(calls) == "axy" + "axy" + "yxa" + "axy"
+
+
+def test_rss_and_machine_facts():
+    rss, peak = common.current_rss(), common.peak_rss()
+    assert rss is not None and peak >= rss > 0
+    info = common.machine_info()
+    assert info["nproc"] >= 1 and info["cpu"] and info["date"]
+    text = "\n".join(common.format_machine(info))
+    assert "nproc=" in text and "CPU:" in text and "RAM:" in text
+
+
+# -- the benchmarks, tiny -----------------------------------------------------------------
+
+def test_step_overhead_tiny_runs_every_loop():
+    result = bench_step_overhead.run(tiny=True)
+    cfg = result.data["config"]
+    # warm-up + repeats, for the run()-only and the should_stop() loops
+    assert result.data["rayhooks_steps_run"] == 2 * (1 + cfg["repeats"]) * cfg["rh_steps"]
+    # the bare TF1 session ran its loop on its own copy of the global step
+    assert result.data["tf1_steps_run"] == (1 + cfg["repeats"]) * cfg["tf_steps"]
+    for side in ("rayhooks", "tf1"):
+        for kind in ("bare", "run", "loop"):
+            _positive_finite(result.data[side][kind])
+            assert len(result.data[side][kind]) >= cfg["repeats"]
+    assert len(result.rows) == 6 and all(len(r) == len(result.headers) for r in result.rows)
+    assert [isinstance(t.met, bool) for t in result.targets] == [True, True]
+    assert "µs/step" in result.markdown()
+
+
+def test_checkpoint_stall_tiny_runs_every_method():
+    result = bench_checkpoint_stall.run(tiny=True, isolate=False, memory=False)
+    (size, per), = result.data["sizes"].items()
+    methods = per["raw"]["methods"]
+    assert set(methods) == set(bench_checkpoint_stall.METHODS)
+    for name, r in methods.items():
+        if "unavailable" in r:
+            assert name == "tf2_write_async"
+            continue
+        _positive_finite(r["anchors"])
+        assert len(r["stalls"]) == 1 and r["stalls"][0] >= 0 and math.isfinite(r["stalls"][0])
+        assert r["first"] > 0
+        if "expected_commits" in r:
+            assert len(r["committed"]) == r["expected_commits"], (name, r["committed"])
+        if name.startswith("rh_"):
+            _positive_finite(r["snapshots"])
+    assert len(result.rows) == len(bench_checkpoint_stall.METHODS)
+    kinds = [t.name for t in result.targets]
+    assert any("within 1.2x of the numpy copy" in k for k in kinds)
+    assert any("below TF1's blocking hook" in k for k in kinds)
+
+
+def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "results.md"
+    assert main(["--tiny", "--out", str(out)]) == 0
+    text = out.read_text()
+    for needle in ("nproc=", "CPU:", "RAM:", "Date:", bench_step_overhead.TITLE, bench_checkpoint_stall.TITLE,
+                   "Peak RSS", "peak - before"):
+        assert needle in text, needle
+    target_lines = [line for line in text.splitlines() if line.startswith(("- MET", "- MISSED"))]
+    # 2 step-overhead targets, 2 per async saver, 1 memory target; listed at the top and per figure
+    assert len(target_lines) == 2 * (2 + 2 * 2 + 1)
+    printed = capsys.readouterr().out
+    assert "Results written to %s" % out in printed
+    assert "| loop" in printed and "| state" in printed
+
+
+def test_main_only_runs_one_benchmark(tmp_path):
+    out = tmp_path / "only.md"
+    assert BENCHMARKS[0] == "step_overhead"
+    assert main(["--tiny", "--only", "step_overhead", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert bench_step_overhead.TITLE in text and bench_checkpoint_stall.TITLE not in text

@@ -1,0 +1,427 @@
+"""The `rayhooks` command line: ls, verify, gc, restore, summaries, and its errors."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import rayhooks as rh
+from rayhooks import cli
+from rayhooks.formats import state_file
+
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _tensors(step):
+    return {"w": np.full((3, 4), step, np.float32), "count": np.array(step, np.int64)}
+
+
+def _make_run(url):
+    """Committed steps 10, 20, 30 (30 latest), a stale partial at 15 and an in-flight one at 40."""
+    clock = rh.ManualClock(T0)
+    store = rh.CheckpointStore(rh.Storage(url), clock=clock)
+    for step in (10, 20, 30):
+        store.commit(step, store.write_data(step, _tensors(step)))
+        clock.advance(60)
+    store.write_data(15, _tensors(15))  # written after the commits, so no commit collected it
+    store.write_data(40, _tensors(40))
+    return store
+
+
+def _partial_names(step):
+    return ["model.ckpt-%d.data-00000-of-00001" % step, "model.ckpt-%d.index" % step]
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _row(out, step):
+    """The ls row for `step`, as its cells: step, time, size, files, status."""
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == str(step):
+            return cells + [""] * (5 - len(cells))
+    raise AssertionError("no row for step %s in:\n%s" % (step, out))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    url = str(tmp_path / "run")
+    _make_run(url)
+    return url
+
+
+# -- ls ------------------------------------------------------------------------
+
+
+def test_ls_lists_committed_partials_and_latest(run_dir, capsys):
+    code, out, err = _run(capsys, "ls", run_dir)
+    assert code == 0
+    assert out.splitlines()[0].split()[:2] == ["STEP", "TIME"]
+    store = rh.CheckpointStore(rh.Storage(run_dir))
+    for i, info in enumerate(store.committed()):
+        assert _row(out, info.step) == [str(info.step), "2023-11-14T22:%02d:20Z" % (13 + i),
+                                        cli.human_size(info.nbytes), "2",
+                                        "latest" if info.step == 30 else ""]
+    assert _row(out, 15)[1:] == ["-", cli.human_size(sum(
+        os.path.getsize(os.path.join(run_dir, n)) for n in _partial_names(15))), "2", "partial (uncommitted)"]
+    assert _row(out, 40)[4] == "partial (uncommitted)"
+    assert "latest step 30" in out
+    steps = [int(line.split()[0]) for line in out.splitlines()[1:] if line.split()[0].isdigit()]
+    assert steps == [10, 15, 20, 30, 40]
+
+
+def test_ls_on_memory_url(memory_url, capsys):
+    _make_run(memory_url)
+    code, out, err = _run(capsys, "ls", memory_url)
+    assert code == 0
+    assert _row(out, 30)[4] == "latest"
+    assert _row(out, 40)[4] == "partial (uncommitted)"
+    assert memory_url in out
+
+
+def test_human_size_and_storage_option_parsing():
+    assert cli.human_size(0) == "0 B"
+    assert cli.human_size(1536) == "1.5 KiB"
+    assert cli.human_size(3 * 1024 ** 3) == "3.0 GiB"
+    assert cli._storage_option("token=anon") == ("token", "anon")
+    assert cli._storage_option("use_ssl=false") == ("use_ssl", False)
+    assert cli._storage_option("retries=3") == ("retries", 3)
+    assert cli._storage_option('headers={"a": "b"}') == ("headers", {"a": "b"})
+
+
+def test_storage_options_reach_fsspec(run_dir, capsys, monkeypatch):
+    import fsspec
+    seen = []
+    real = fsspec.core.url_to_fs
+
+    def recording(url, **options):
+        seen.append(options)
+        return real(url, **options)
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", recording)
+    code, out, _ = _run(capsys, "ls", run_dir, "--storage-option", "auto_mkdir=true",
+                        "--storage-option", "label=run 1")
+    assert code == 0 and _row(out, 30)[4] == "latest"
+    assert seen and all(o == {"auto_mkdir": True, "label": "run 1"} for o in seen)
+
+
+# -- verify --------------------------------------------------------------------
+
+
+def test_verify_ok_then_detects_a_flipped_byte(run_dir, capsys):
+    code, out, _ = _run(capsys, "verify", run_dir)
+    assert code == 0
+    assert [line.split()[:3] for line in out.splitlines()[:3]] == [
+        ["OK", "step", "10"], ["OK", "step", "20"], ["OK", "step", "30"]]
+
+    data = os.path.join(run_dir, "model.ckpt-20.data-00000-of-00001")
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    with open(data, "wb") as f:
+        f.write(raw)
+
+    code, out, _ = _run(capsys, "verify", run_dir)
+    assert code == 1
+    lines = out.splitlines()
+    bad = [line for line in lines if line.startswith("BAD")]
+    assert len(bad) == 1 and bad[0].split()[:3] == ["BAD", "step", "20"]
+    assert any("model.ckpt-20.data-00000-of-00001: expected" in line for line in lines)
+    assert "1 BAD" in lines[-1]
+
+    assert _run(capsys, "verify", run_dir, "--step", "30")[0] == 0
+    code, out, _ = _run(capsys, "verify", run_dir, "--step", "20")
+    assert code == 1 and out.startswith("BAD  step 20")
+
+
+def test_verify_reports_a_malformed_manifest(run_dir, capsys):
+    with open(os.path.join(run_dir, "model.ckpt-10.manifest.json"), "w") as f:
+        f.write("{not json")
+    code, out, _ = _run(capsys, "verify", run_dir)
+    assert code == 1
+    assert any(line.startswith("BAD  step 10") and "malformed" in line for line in out.splitlines())
+
+
+def _strip_file_sizes(url, step):
+    path = os.path.join(url, "model.ckpt-%d.manifest.json" % step)
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["files"] = {name: {} for name in manifest["files"]}  # parses, but has no sizes or crcs
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_a_manifest_without_sizes_is_bad_not_a_traceback(run_dir, tmp_path, capsys):
+    _strip_file_sizes(run_dir, 30)
+    code, out, err = _run(capsys, "verify", run_dir)
+    assert code == 1 and "Traceback" not in err
+    assert [line.split()[:3] for line in out.splitlines()[:3]] == [
+        ["OK", "step", "10"], ["OK", "step", "20"], ["BAD", "step", "30"]]
+    code, out, _ = _run(capsys, "ls", run_dir)
+    assert code == 0 and _row(out, 30)[4].startswith("malformed manifest")
+    assert _row(out, 20)[4] == "latest"
+    dest = str(tmp_path / "restored")
+    code, out, _ = _run(capsys, "restore", run_dir, "--step", "30", "--to", dest)
+    assert code == 1 and out.startswith("BAD  step 30")
+    code, out, err = _run(capsys, "restore", run_dir, "--to", dest, "-q")
+    assert code == 0 and "restored step 20" in out and "step 30 is malformed" in err
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="rayhooks bug: CheckpointStore.committed() accepts a "
+                   "manifest whose file entries lack bytes/crc32c, and verify() then raises KeyError")
+def test_library_restore_latest_falls_back_past_a_manifest_without_sizes(run_dir):
+    _strip_file_sizes(run_dir, 30)
+    store = rh.CheckpointStore(rh.Storage(run_dir))
+    state = {k: np.zeros_like(v) for k, v in _tensors(0).items()}
+    info = store.restore_latest(rh.NumpySaver(state))  # documented: falls back to the newest that verifies
+    assert info.step == 20 and state["count"] == 20
+
+
+# -- gc ------------------------------------------------------------------------
+
+
+def test_gc_dry_run_then_yes(run_dir, capsys):
+    before = sorted(os.listdir(run_dir))
+    code, out, _ = _run(capsys, "gc", run_dir)
+    assert code == 0
+    assert sorted(os.listdir(run_dir)) == before
+    assert "dry run" in out and "--yes" in out
+    lines = out.splitlines()
+    for name in _partial_names(15):
+        assert "would delete  %s/%s" % (run_dir, name) in lines
+    for name in _partial_names(40):
+        assert any(line.startswith("keep") and name in line and "possibly in flight, kept" in line
+                   for line in lines)
+    assert not any(line.startswith("keep") and "model.ckpt-15" in line for line in lines)
+
+    code, out, err = _run(capsys, "gc", run_dir, "--yes", "--quiet")
+    assert code == 0
+    after = sorted(os.listdir(run_dir))
+    assert after == sorted(set(before) - set(_partial_names(15)))
+    assert set(_partial_names(40)) <= set(after)
+    assert "deleted 2 partial file(s)" in out
+    assert _run(capsys, "verify", run_dir)[0] == 0  # the committed checkpoints are intact
+
+    code, out, _ = _run(capsys, "gc", run_dir, "--yes")
+    assert code == 0 and "nothing to delete" in out and sorted(os.listdir(run_dir)) == after
+
+
+def test_gc_shows_progress_on_stderr_only(run_dir, capsys):
+    code, out, err = _run(capsys, "gc", run_dir, "--yes")
+    assert code == 0
+    assert "deleting" in err  # tqdm's bar
+    assert "deleting" not in out
+
+
+# -- restore -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_restore_is_readable_by_tensorflow(where, tmp_path, memory_url, capsys):
+    import tensorflow as tf
+    url = str(tmp_path / "run") if where == "file" else memory_url
+    _make_run(url)
+    dest = str(tmp_path / "restored")
+
+    code, out, err = _run(capsys, "restore", url, "--step", "20", "--to", dest)
+    assert code == 0, err
+    assert "checksums OK" in out
+    assert tf.train.latest_checkpoint(dest) == os.path.join(dest, "model.ckpt-20")
+    reader = tf.train.load_checkpoint(dest)
+    np.testing.assert_array_equal(reader.get_tensor("w"), _tensors(20)["w"])
+    assert reader.get_tensor("count") == 20
+    assert "model.ckpt-20" in err  # the per-file progress bar names the file
+    assert not [n for n in os.listdir(dest) if ".tmp-" in n]
+
+    # Without --step: the latest; the copy is itself a valid checkpoint directory.
+    assert _run(capsys, "restore", url, "--to", dest)[0] == 0
+    assert tf.train.latest_checkpoint(dest) == os.path.join(dest, "model.ckpt-30")
+    assert tf.train.load_checkpoint(dest).get_tensor("count") == 30
+    state = state_file.parse_state(open(os.path.join(dest, "checkpoint")).read())
+    assert state.all_model_checkpoint_paths == ["model.ckpt-30"]
+    assert _run(capsys, "verify", dest)[0] == 0
+
+
+def test_restore_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys):
+    index = os.path.join(run_dir, "model.ckpt-30.index")
+    raw = bytearray(open(index, "rb").read())
+    raw[0] ^= 0xFF
+    with open(index, "wb") as f:
+        f.write(raw)
+    dest = str(tmp_path / "restored")
+    code, out, _ = _run(capsys, "restore", run_dir, "--to", dest, "-q")
+    assert code == 1
+    assert out.startswith("BAD  step 30") and "model.ckpt-30.index: expected" in out
+    assert os.listdir(dest) == []  # neither files nor a state file naming them
+
+
+# -- summaries -----------------------------------------------------------------
+
+
+def _training_run(url):
+    state = {"w": np.zeros(2, np.float32)}
+
+    def step():
+        state["w"] += 1
+        return {"loss": 10.0 / float(state["w"][0])}
+
+    with rh.MonitoredTrainingSession(checkpoint_dir=url, state=state, save_checkpoint_steps=2,
+                                     save_summaries_steps=1, scaffold=rh.Scaffold(summary_op=["loss"]),
+                                     hooks=[rh.StopAtStepHook(last_step=5)]) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+
+
+def _summary_row(out, run, tag):
+    for line in out.splitlines():
+        cells = line.split()
+        if cells[:2] == [run, tag]:
+            return cells
+    raise AssertionError("no row for %s %s in:\n%s" % (run, tag, out))
+
+
+def test_summaries_of_a_training_run_and_plot(tmp_path, capsys):
+    import tensorflow as tf
+    url = str(tmp_path / "run")
+    _training_run(url)
+    # A subdirectory with TF2's tensor-based scalars, as tf.summary writes them.
+    with tf.summary.create_file_writer(os.path.join(url, "eval")).as_default():
+        for s in (2, 4):
+            tf.summary.scalar("accuracy", 0.25 * s, step=s)
+
+    code, out, err = _run(capsys, "summaries", url)
+    assert code == 0, err
+    cells = _summary_row(out, ".", "loss")
+    assert cells[2] == "5" and float(cells[3]) == pytest.approx(2.0)
+    cells = _summary_row(out, "eval", "accuracy")
+    assert cells[2] == "4" and float(cells[3]) == pytest.approx(1.0)
+
+    png = str(tmp_path / "out.png")
+    code, out, err = _run(capsys, "summaries", url, "--plot", png)
+    assert code == 0, err
+    with open(png, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    assert os.path.getsize(png) > 1000
+
+    bad_png = str(tmp_path / "no-such-dir" / "out.png")
+    code, out, err = _run(capsys, "summaries", url, "--plot", bad_png)
+    _assert_usage_error(code, out, err, bad_png, "does not exist")
+
+
+def test_summaries_survive_a_torn_tail(tmp_path, capsys):
+    from rayhooks.formats import summaries, events
+    url = str(tmp_path / "logs")
+    os.makedirs(url)
+    with open(os.path.join(url, events.event_filename()), "wb") as f:
+        f.write(events.frame_record(events.file_version_event(T0)))
+        for s in (1, 2):
+            summary = summaries.from_mapping({"loss": float(s)})
+            f.write(events.frame_record(events.summary_event(summary, s, T0 + s)))
+        summary = summaries.from_mapping({"loss": 3.0})
+        f.write(events.frame_record(events.summary_event(summary, 3, T0 + 3))[:-5])  # still being written
+    code, out, err = _run(capsys, "summaries", url)
+    assert code == 0
+    cells = _summary_row(out, ".", "loss")
+    assert cells[2:4] == ["2", "2"]
+    assert "truncated" in err
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def _assert_usage_error(code, out, err, *needles):
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("rayhooks: error: "), err
+    for needle in needles:
+        assert needle in err
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "gc", "restore", "summaries"])
+def test_bad_urls_exit_2_with_one_line(command, tmp_path, capsys):
+    extra = ["--to", str(tmp_path / "out")] if command == "restore" else []
+    code, out, err = _run(capsys, command, "nosuchproto://bucket/run", *extra)
+    _assert_usage_error(code, out, err, "nosuchproto://bucket/run", "Protocol not known")
+
+    missing = str(tmp_path / "missing")
+    code, out, err = _run(capsys, command, missing, *extra)
+    _assert_usage_error(code, out, err, missing, "does not exist")
+
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    code, out, err = _run(capsys, command, str(empty), *extra)
+    if command == "summaries":
+        _assert_usage_error(code, out, err, str(empty), "no events files")
+    else:
+        _assert_usage_error(code, out, err, str(empty), "not a checkpoint directory")
+
+
+def test_other_basename_is_suggested(tmp_path, capsys):
+    url = str(tmp_path / "run")
+    store = rh.CheckpointStore(rh.Storage(url), basename="ckpt")
+    store.commit(1, store.write_data(1, _tensors(1)))
+    os.remove(os.path.join(url, "checkpoint"))
+    code, out, err = _run(capsys, "ls", url)
+    _assert_usage_error(code, out, err, "--basename ckpt")
+    code, out, _ = _run(capsys, "ls", url, "--basename", "ckpt")
+    assert code == 0 and _row(out, 1)[4] == "latest"
+
+
+@pytest.mark.parametrize("command", ["verify", "restore"])
+def test_unknown_step_exits_2(command, run_dir, tmp_path, capsys):
+    extra = ["--to", str(tmp_path / "out")] if command == "restore" else []
+    code, out, err = _run(capsys, command, run_dir, "--step", "25", *extra)
+    _assert_usage_error(code, out, err, run_dir, "step 25", "10, 20, 30")
+    code, out, err = _run(capsys, command, run_dir, "--step", "40", *extra)
+    _assert_usage_error(code, out, err, "only partial")
+
+
+def test_restore_needs_a_committed_checkpoint_and_another_directory(tmp_path, capsys):
+    url = str(tmp_path / "run")
+    rh.CheckpointStore(rh.Storage(url)).write_data(5, _tensors(5))  # a partial only
+    code, out, err = _run(capsys, "restore", url, "--to", str(tmp_path / "out"))
+    _assert_usage_error(code, out, err, url, "no committed checkpoints")
+
+    run = str(tmp_path / "run2")
+    _make_run(run)
+    code, out, err = _run(capsys, "restore", run, "--to", run)
+    _assert_usage_error(code, out, err, "checkpoint directory itself")
+
+
+def test_help_and_argparse_errors(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "restore" in capsys.readouterr().out
+    for command in ("ls", "verify", "gc", "restore", "summaries"):
+        assert cli.main([command, "--help"]) == 0
+        assert "--storage-option" in capsys.readouterr().out
+    assert cli.main(["restore", "/x"]) == 2  # --to is required
+    assert "--to" in capsys.readouterr().err
+    assert cli.main(["ls", "/x", "--storage-option", "novalue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# -- the installed console script ----------------------------------------------
+
+
+def test_console_script(run_dir):
+    exe = shutil.which("rayhooks")
+    assert exe is not None, "the rayhooks console script is not installed; run pip install -e ."
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0 and "verify" in done.stdout
+    done = subprocess.run([exe, "ls", run_dir], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert _row(done.stdout, 30)[4] == "latest"

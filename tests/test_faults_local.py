@@ -1,0 +1,155 @@
+"""Faults survived in one process: preemption, a storage server that goes away, a memory budget.
+
+Every fault here is real: a SIGTERM sent to a training process, a GCS server
+(gcp-storage-emulator) stopped in the middle of a run and started again.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+import rayhooks as rh
+from gcs_emulator import GcsEmulator
+
+GS = {"token": "anon", "project": "rayhooks-test"}
+FAST_RETRY = rh.RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.05)
+
+TRAINER = textwrap.dedent("""
+    import sys, numpy as np, rayhooks as rh
+    ckpt_dir, last = sys.argv[1], int(sys.argv[2])
+    state = {"w": np.zeros(4, np.float32)}
+    def step():
+        state["w"] += 1
+        return {}
+    with rh.MonitoredTrainingSession(checkpoint_dir=ckpt_dir, save_checkpoint_steps=10**6,
+                                     save_summaries_steps=None, log_step_count_steps=None,
+                                     hooks=[rh.StopAtStepHook(last_step=last)], state=state) as sess:
+        print("started", sess.global_step, flush=True)
+        while not sess.should_stop():
+            sess.run(step)
+            print("step", sess.global_step, flush=True)
+    print("stopped", sess.global_step, float(state["w"][0]), flush=True)
+""")
+
+
+def _read_until(proc, prefix, limit=10_000):
+    for _ in range(limit):
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("trainer exited before printing %r" % prefix)
+        if line.startswith(prefix):
+            return line.split()
+    raise AssertionError("no %r in %d lines" % (prefix, limit))
+
+
+def test_sigterm_saves_at_the_next_step_and_the_run_resumes_from_it(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    ckpt = str(tmp_path / "ckpt")
+    proc = subprocess.Popen([sys.executable, str(script), ckpt, "100000000"], stdout=subprocess.PIPE, text=True)
+    try:
+        _read_until(proc, "step 50")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stopped_step, w = _read_until(proc, "stopped")
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    store = rh.CheckpointStore(rh.Storage(ckpt))
+    latest = store.latest()
+    assert latest.step == int(stopped_step) > 50
+    assert store.verify(latest) == []
+    assert float(store.reader(latest).read_tensors()["w"][0]) == float(w)  # the state after that very step
+
+    resumed = subprocess.run([sys.executable, str(script), ckpt, str(latest.step + 3)], capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "started %d" % latest.step in resumed.stdout
+    assert "stopped %d %.1f" % (latest.step + 3, latest.step + 3) in resumed.stdout
+    print("SIGTERM to resumed training: %.2f s" % (time.monotonic() - signalled))
+
+
+@pytest.fixture
+def restartable_gcs(tmp_path):
+    emulator = GcsEmulator(data_dir=str(tmp_path / "gcs-data")).start()
+    emulator.make_bucket("faults")
+    yield emulator
+    emulator.stop()
+
+
+def _training(url, state, hook):
+    def step():
+        state["w"] += 1
+        return {}
+    return rh.MonitoredTrainingSession(chief_only_hooks=[hook], state=state, save_checkpoint_secs=None,
+                                       save_summaries_steps=None, log_step_count_steps=None), step
+
+
+@pytest.mark.parametrize("policy", ["raise", "retry_next_save"])
+def test_storage_server_stops_mid_run_and_comes_back(restartable_gcs, policy):
+    url = "gs://faults/run-%s" % uuid.uuid4().hex[:8]
+    state = {"w": np.zeros(1 << 18, np.float32)}
+    hook = rh.CheckpointSaverHook(url, save_steps=2, storage_options=GS, retry=FAST_RETRY, on_write_error=policy)
+    sess, step = _training(url, state, hook)
+    sess.run(step)
+    sess.run(step)  # step 2 committed
+    store = rh.CheckpointStore(rh.Storage(url, GS))
+    assert store.latest().step == 2
+    restartable_gcs.stop()
+    sess.run(step)
+    if policy == "raise":
+        with pytest.raises(OSError) as failure:
+            sess.run(step)  # step 4's save cannot reach the server
+        message = str(failure.value)
+        assert url in message and "step=4" in message
+    else:
+        sess.run(step)  # step 4 fails, is logged and counted, training goes on
+        assert hook.failed_saves == 1
+    restartable_gcs.start()
+    if policy == "raise":
+        return
+    sess.run(step)
+    sess.run(step)  # step 6 is saved once the server is back
+    assert store.latest().step == 6
+    assert [i.step for i in store.committed()] == [0, 2, 6]  # 4 never became a checkpoint, torn or not
+    for info in store.committed():
+        assert store.verify(info) == []
+    assert store.get(4) is None
+    sess.close()
+
+
+def test_in_flight_snapshots_stay_within_the_byte_budget(restartable_gcs):
+    url = "gs://faults/budget-%s" % uuid.uuid4().hex[:8]
+    state = {"w": np.zeros(1 << 20, np.float32)}  # 4 MB per snapshot, saved every step: faster than storage
+    budget = 9 << 20
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=1, storage_options=GS, in_flight="wait",
+                                       max_in_flight=8, max_in_flight_bytes=budget, max_to_keep=2)
+    sess, step = _training(url, state, hook)
+    with sess:
+        for _ in range(12):
+            sess.run(step)
+    assert hook._writer.peak_in_flight_bytes <= budget
+    assert hook._writer.peak_in_flight_bytes >= 4 << 20
+    assert rh.CheckpointStore(rh.Storage(url, GS)).latest().step == 12
+
+
+def test_skip_policy_never_holds_two_snapshots(restartable_gcs):
+    url = "gs://faults/skip-%s" % uuid.uuid4().hex[:8]
+    state = {"w": np.zeros(1 << 20, np.float32)}
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=1, storage_options=GS)
+    sess, step = _training(url, state, hook)
+    with sess:
+        for _ in range(12):
+            sess.run(step)
+    assert hook._writer.peak_in_flight_bytes <= 4 << 20
+    assert hook.skipped_saves > 0
+    assert rh.CheckpointStore(rh.Storage(url, GS)).latest().step == 12

@@ -1,0 +1,324 @@
+"""Tier 1: the chief's planning as pure decisions (rayhooks.plan), and the
+chief's seconds schedule driven by a fake clock and a fake transport.
+
+Expected steps come from `tf.compat.v1.train.SecondOrStepTimer` run through
+TF1's own hook arithmetic (`tf1_checkpoint_steps`, `tf1_summary_steps`), so a
+drift in either side's trigger rules shows up here.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rayhooks as rh
+from rayhooks.chief import Chief
+from rayhooks.plan import CHECKPOINT, SUMMARY, Action, Planner, Schedule, furthest_step
+from rayhooks.spec import build_spec
+
+
+# -- TF1's schedules, by TF1's own timer ----------------------------------------------------------
+
+def tf1_checkpoint_steps(start, every, last):
+    """The steps TF1's CheckpointSaverHook saves in a run from `start` to `last`.
+
+    after_create_session saves at `start`; after_run saves at step g when
+    the timer triggers for g; end saves `last` unless the timer just fired there.
+    """
+    timer = tf.compat.v1.train.SecondOrStepTimer(every_steps=every)
+    steps = [start]
+    timer.update_last_triggered_step(start)
+    for global_step in range(start + 1, last + 1):
+        if timer.should_trigger_for_step(global_step):
+            timer.update_last_triggered_step(global_step)
+            steps.append(global_step)
+    if last != timer.last_triggered_step():
+        steps.append(last)
+    return steps
+
+
+def tf1_summary_steps(start, every, last):
+    """The steps TF1's SummarySaverHook writes in a run from `start` to `last`.
+
+    before_run asks for a summary when `_next_step` is None (the first run) or
+    the timer triggers for it; after_run records it at the new global step.
+    """
+    timer = tf.compat.v1.train.SecondOrStepTimer(every_steps=every)
+    steps, next_step = [], None
+    for stale in range(start, last):
+        request = next_step is None or timer.should_trigger_for_step(next_step)
+        global_step = stale + 1
+        if request:
+            timer.update_last_triggered_step(global_step)
+            steps.append(global_step)
+        next_step = global_step + 1
+    return steps
+
+
+def test_tf1_reference_arithmetic_is_what_the_brief_says():
+    assert tf1_checkpoint_steps(0, 4, 10) == [0, 4, 8, 10]
+    assert tf1_checkpoint_steps(0, 3, 9) == [0, 3, 6, 9]
+    assert tf1_summary_steps(0, 3, 10) == [1, 4, 7, 10]
+
+
+def _rule_steps(action, first, last):
+    return [s for s in range(first, last + 1) if s >= action.step and (s - action.step) % action.every == 0]
+
+
+# -- step-based schedules: one rule, announced once -----------------------------------------------
+
+@pytest.mark.parametrize("start,every,last", [(0, 4, 10), (0, 3, 9), (5, 4, 17), (0, 1, 3), (7, 10, 7),
+                                              (12, 5, 40)])
+def test_checkpoint_step_rule_gives_tf1_steps(start, every, last):
+    schedule = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_steps=every))
+    planner = Planner(start, [schedule], last_step=last)
+    assert planner.initial_stop() == last
+    actions = planner.tick(start, planner.min_margin)
+    assert actions == [Action(start, CHECKPOINT, (), every)]
+    # A rule is announced once: later ticks, however far the workers are, add nothing.
+    for furthest in range(start, last + 1):
+        assert planner.tick(furthest, 50) == []
+    planned = _rule_steps(actions[0], start, last)
+    assert planned == [s for s in range(start, last + 1) if schedule.is_planned(s, planner.stop_step)]
+    final = [] if planned[-1] == last else [last]  # the chief's final save, unless `last` was just saved
+    assert planned + final == tf1_checkpoint_steps(start, every, last)
+
+
+@pytest.mark.parametrize("start,every,last", [(0, 3, 10), (0, 1, 4), (4, 5, 30), (0, 100, 10)])
+def test_summary_step_rule_starts_one_step_later_like_tf1(start, every, last):
+    schedule = Schedule(SUMMARY, rh.SecondOrStepTimer(every_steps=every), first_offset=1, fetches=["loss"])
+    planner = Planner(start, [schedule], last_step=last)
+    planner.initial_stop()
+    actions = planner.tick(start, 2)
+    assert actions == [Action(start + 1, SUMMARY, ("loss",), every)]
+    assert _rule_steps(actions[0], start, last) == tf1_summary_steps(start, every, last)
+
+
+def test_rule_steps_past_the_stop_step_are_not_planned():
+    schedule = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_steps=4))
+    planner = Planner(10, [schedule], last_step=10)
+    planner.initial_stop()
+    assert planner.tick(10, 2) == [Action(10, CHECKPOINT, (), 4)]
+    assert schedule.is_planned(10, planner.stop_step)
+    assert not schedule.is_planned(14, planner.stop_step)
+    assert schedule.is_planned(14)  # without a stop, the rule goes on
+
+
+# -- seconds-based schedules: planned ahead by a margin -------------------------------------------
+
+def test_secs_schedule_plans_the_first_step_past_the_deadline_that_workers_can_still_reach():
+    clock = rh.ManualClock(100.0)
+    schedule = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_secs=10, clock=clock))
+    planner = Planner(0, [schedule])
+    assert planner.tick(0, 2) == [Action(0, CHECKPOINT)]  # TF1: a save at session creation
+    clock.advance(9.5)
+    assert planner.tick(5, 3) == []                       # deadline not reached
+    clock.advance(0.5)
+    first = planner.tick(7, 3)
+    assert first == [Action(10, CHECKPOINT)]              # furthest + margin: ahead of every worker
+    assert first[0].every is None                         # announced once, not a rule
+    clock.advance(100)
+    assert planner.tick(9, 3) == []                       # at most one pending: 10 is not reached yet
+    # Reached: the next deadline counts from when 10 was announced (t=110), already past at t=210.
+    assert planner.tick(10, 4) == [Action(14, CHECKPOINT)]
+    clock.advance(9)
+    assert planner.tick(20, 4) == []
+    clock.advance(1)
+    assert planner.tick(20, 4) == [Action(24, CHECKPOINT)]
+
+
+@pytest.mark.parametrize("furthest,margin", [(0, 2), (17, 2), (17, 40), (1000, 101)])
+def test_secs_action_is_never_at_or_behind_the_furthest_worker(furthest, margin):
+    clock = rh.ManualClock()
+    planner = Planner(0, [Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_secs=1, clock=clock))])
+    planner.tick(0, 2)
+    clock.advance(1)
+    (action,) = planner.tick(furthest, margin)
+    assert action.step == furthest + margin > furthest
+
+
+def test_done_releases_a_pending_secs_action():
+    """A cancelled save (skipped by a worker) must not block the schedule forever."""
+    clock = rh.ManualClock()
+    schedule = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_secs=10, clock=clock))
+    planner = Planner(0, [schedule])
+    planner.tick(0, 2)
+    clock.advance(10)
+    (pending,) = planner.tick(3, 2)
+    clock.advance(10)
+    assert planner.tick(4, 2) == []   # still pending: step 5 not reached
+    planner.done(pending)
+    assert planner.tick(4, 2) == [Action(6, CHECKPOINT)]
+
+
+def test_secs_action_past_the_stop_step_is_dropped():
+    clock = rh.ManualClock()
+    schedule = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_secs=10, clock=clock))
+    planner = Planner(0, [schedule], last_step=12)
+    planner.initial_stop()
+    planner.tick(0, 2)
+    clock.advance(10)
+    assert planner.tick(11, 3) == []  # 14 > 12: the final save at 12 covers it
+    assert schedule.pending is None
+
+
+@pytest.mark.parametrize("rate,latency,expected", [(0.0, 0.05, 2), (10.0, 0.125, 4), (100.0, 0.25, 51),
+                                                   (1000.0, 0.5, 1001)])
+def test_margin_covers_twice_the_steps_run_during_the_latency(rate, latency, expected):
+    assert Planner(0, []).margin(rate, latency) == expected
+
+
+def test_margin_is_at_least_min_margin():
+    assert Planner(0, [], min_margin=7).margin(10.0, 0.125) == 7
+
+
+# -- stops -----------------------------------------------------------------------------------------
+
+def test_no_last_step_means_no_initial_stop():
+    planner = Planner(0, [])
+    assert planner.initial_stop() is None
+    assert planner.stop_step is None
+
+
+def test_requested_stop_is_ahead_of_every_worker_and_only_moves_earlier():
+    planner = Planner(0, [])
+    assert planner.request_stop(10, 4) == 14
+    assert planner.request_stop(20, 4) == 14  # a later request never postpones an agreed stop
+    assert planner.request_stop(11, 1) == 12  # an earlier reachable one wins
+    assert planner.stop_step == 12
+
+
+def test_requested_stop_never_goes_past_last_step():
+    planner = Planner(0, [], last_step=15)
+    assert planner.initial_stop() == 15
+    assert planner.request_stop(10, 8) == 15
+    assert planner.request_stop(10, 2) == 12
+
+
+def test_furthest_step():
+    assert furthest_step({}) == 0
+    assert furthest_step({0: 3, 1: 7}) == 7
+
+
+# -- the chief's seconds schedule, with a fake clock and a fake transport ---------------------------
+
+class TraceListener(rh.CheckpointSaverListener):
+    def __init__(self):
+        self.trace = []
+
+    def before_save(self, session, step):
+        self.trace.append(("before_save", step))
+
+    def after_save(self, session, step):
+        self.trace.append(("after_save", step))
+
+    def end(self, session, step):
+        self.trace.append(("end", step))
+
+
+def _chief(tmp_path, clock, num_workers=2, latency=0.5, all_workers_write=False, **hook_kwargs):
+    listener = TraceListener()
+    hook = rh.CheckpointSaverHook(str(tmp_path), clock=clock, listeners=[listener], **hook_kwargs)
+    sent = []
+    chief = Chief(build_spec([hook], all_workers_write), num_workers, lambda i, update: sent.append((i, update)),
+                  report_latency=latency)
+    return chief, listener, sent, hook.store
+
+
+def _shard(store, step, worker=0):
+    """A durable shard as a worker reports it: (step, worker, files)."""
+    prefix = None if worker == 0 else "%s.worker%d" % (store.prefix_for(step), worker)
+    return (step, worker, store.write_data(step, {"w": np.full(2, step, np.float32)}, prefix=prefix))
+
+
+def test_chief_plans_a_secs_save_from_the_hook_clock_and_measured_rates(tmp_path):
+    clock = rh.ManualClock(1000.0)
+    chief, listener, sent, store = _chief(tmp_path, clock, save_secs=60)
+    assert chief.start() is None
+    first = chief.workers_created(0)
+    assert first == {"actions": [Action(0, CHECKPOINT)], "stop_step": None}
+    assert listener.trace == [("before_save", 0)]
+
+    # `now` is the worker's wall clock in the report: rates come from it, not from the schedule clock.
+    chief.report(0, 1, 10.0, {}, [_shard(store, 0)], {})
+    assert chief.committed == [0] and listener.trace[-1] == ("after_save", 0)
+    chief.report(0, 21, 11.0, {}, [], {})
+    chief.report(1, 25, 11.5, {}, [], {})
+    clock.advance(59)
+    chief.report(1, 26, 12.0, {}, [], {})            # worker 1: 2 steps/s
+    assert sent == []                                # deadline not reached: nothing announced
+    clock.advance(1)
+    chief.report(0, 31, 11.5, {}, [], {})            # worker 0: 20 steps/s
+    # margin = ceil(2 * 20 steps/s * 0.5 s) + 1 = 21 steps past the furthest worker (31).
+    expected = Action(52, CHECKPOINT)
+    assert [i for i, _ in sent] == [0, 1]
+    assert all(update == {"actions": [expected], "stop_step": None} for _, update in sent)
+    assert listener.trace[-1] == ("before_save", 52)  # before any worker can snapshot it
+
+    chief.report(0, 53, 12.0, {}, [_shard(store, 52)], {})
+    assert chief.committed == [0, 52]
+    assert listener.trace[-1] == ("after_save", 52)
+    assert [i.step for i in store.committed()] == [0, 52]
+
+
+def test_chief_ignores_a_late_plan_reported_by_a_worker_that_does_not_write(tmp_path):
+    """Worker 1 writes nothing (only worker 0 does): its "arrived late" is no skipped save."""
+    clock = rh.ManualClock()
+    chief, listener, sent, store = _chief(tmp_path, clock, save_secs=10)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0)], {})
+    clock.advance(10)
+    chief.report(0, 2, 1.5, {}, [], {})
+    ((_, update), _) = sent
+    (action,) = update["actions"]
+    chief.report(1, action.step + 5, 2.0, {}, [], {}, skipped=(action.step,))
+    chief.report(0, action.step + 1, 2.0, {}, [_shard(store, action.step)], {})
+    assert chief.committed == [0, action.step]
+    assert chief.skipped_saves == 0
+
+
+def test_chief_final_save_when_the_last_planned_step_was_skipped(tmp_path):
+    """The last step lies on the rule but the writer skipped it: the run must still end saved."""
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), save_steps=5)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 10, 1.0, {}, [_shard(store, 0)], {}, skipped=(5, 10))
+    assert chief.skipped_saves == 2
+    assert chief.worker_end(1, 10) == []               # worker 1 writes nothing
+    assert chief.worker_end(0, 10) == [Action(10, CHECKPOINT)]
+    chief.shard_done(10, 0, _shard(store, 10)[2])
+    summary = chief.finish()
+    assert summary["committed"] == [0, 10]
+    assert listener.trace[-1] == ("end", 10)
+
+
+def test_chief_no_final_save_when_the_last_step_is_already_planned(tmp_path):
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), save_steps=5)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 10, 1.0, {}, [_shard(store, 0)], {})
+    assert chief.worker_end(0, 10) == []               # 10 is on the rule; its shard is on the way
+    chief.report(0, 10, 1.1, {}, [_shard(store, 5), _shard(store, 10)], {})
+    assert chief.finish()["committed"] == [0, 5, 10]
+    assert [e for e in listener.trace if e[0] == "end"] == [("end", 10)]
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_chief_final_save_with_all_workers_write_is_owed_by_every_worker(tmp_path, first):
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), all_workers_write=True, save_steps=4)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 10, 1.0, {}, [_shard(store, 0, 0)], {})
+    chief.report(1, 10, 1.0, {}, [_shard(store, 0, 1)], {})
+    assert chief.committed == [0]
+    second = 1 - first
+    assert chief.worker_end(first, 10) == [Action(10, CHECKPOINT)]
+    assert chief.worker_end(second, 10) == [Action(10, CHECKPOINT)]  # its shard is part of step 10
+    chief.shard_done(10, first, _shard(store, 10, first)[2])
+    assert chief.committed == [0]                                   # one shard is not a checkpoint
+    chief.shard_done(10, second, _shard(store, 10, second)[2])
+    assert chief.committed == [0, 10]
