@@ -10,13 +10,15 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import BENCHMARKS
-from benchmarks.common import format_machine, machine_info
+from benchmarks.common import format_machine, git_commit, machine_info
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description="Runs the rayhooks benchmarks, prints a table per figure and "
+                                                 "writes them, the machine and the targets to results.md.")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats; 64 MB checkpoints, plus 512 MB once (under 5 minutes)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     names = args.only or list(BENCHMARKS)
     mode = "tiny (smoke test, numbers meaningless)" if args.tiny else "quick" if args.quick else "full"
     started = time.perf_counter()
+    commit = git_commit()  # what was measured: read before the run, as others may commit meanwhile
     results = []
     for name in names:
         module = importlib.import_module("benchmarks.bench_" + name)
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
         print(result.markdown(), flush=True)
     elapsed = time.perf_counter() - started
 
-    info = machine_info()
+    info = machine_info(commit)
     targets = [t for r in results for t in r.targets]
     summary = ["# rayhooks benchmarks", "",
                "Command: `python -m benchmarks%s%s` (%s mode), %.0f s in all." % (

@@ -156,7 +156,8 @@ def emit(result: dict) -> None:
 
 # -- machine ----------------------------------------------------------------------
 
-def machine_info() -> dict:
+def machine_info(commit: Optional[str] = None) -> dict:
+    """The machine, the date, the versions; `commit` as read when the run started (else read now)."""
     cpu = None
     try:
         with open("/proc/cpuinfo") as f:
@@ -182,6 +183,7 @@ def machine_info() -> dict:
             versions[name] = getattr(module, "__version__", "?")
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit or git_commit(),
         "nproc": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu": cpu or platform.processor() or "unknown",
@@ -191,10 +193,25 @@ def machine_info() -> dict:
     }
 
 
+def git_commit() -> Optional[str]:
+    """HEAD of the repository, marked dirty when rayhooks/ has uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rayhooks"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + (" with uncommitted changes in rayhooks/" if dirty else "")
+
+
 def format_machine(info: dict) -> List[str]:
     versions = ", ".join("%s %s" % kv for kv in info["versions"].items())
     return [
         "- Date: %s" % info["date"],
+        "- rayhooks commit: %s" % (info.get("commit") or "unknown"),
         "- Machine: nproc=%s (usable %s), CPU: %s, RAM: %s GiB" % (
             info["nproc"], info["affinity"], info["cpu"], info["ram_gib"]),
         "- Platform: %s" % info["platform"],

@@ -90,8 +90,12 @@ class CheckpointSaverHook(SessionRunHook):
         self._listeners = list(listeners or [])
         self._save_graph_def = save_graph_def
         self._steps_per_run = 1
-        self.store = CheckpointStore(Storage(checkpoint_dir, storage_options, retry), checkpoint_basename,
-                                     RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours))
+        self.retries = 0
+        self._health = {}
+        self.store = CheckpointStore(Storage(checkpoint_dir, storage_options, retry, on_retry=self._count_retry),
+                                     checkpoint_basename,
+                                     RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours),
+                                     clock=clock or time.time)
         self._save_path = self.store.storage.url_of(checkpoint_basename)
         self._writer = None
         self._summary_writer = None
@@ -216,11 +220,14 @@ class CheckpointSaverHook(SessionRunHook):
         """before_save, snapshot, hand to the writer; returns the future, or None if skipped."""
         writer = self._writer
         self._check_writer()
-        estimate = getattr(self, "_last_nbytes", 0)
+        # Until one snapshot was taken its size is unknown: reserve the whole budget.
+        estimate = getattr(self, "_last_nbytes", None)
+        if estimate is None:
+            estimate = writer.max_in_flight_bytes or 0
         if not writer.admit(estimate, wait=wait):
             return None
-        self._on_admitted(session)
         try:
+            self._on_admitted(session)
             logger.info("[step=%d] Calling checkpoint listeners before saving checkpoint %d...", step, step)
             for listener in self._listeners:
                 listener.before_save(session, step)
@@ -231,18 +238,24 @@ class CheckpointSaverHook(SessionRunHook):
             writer.release(estimate)
             raise
         self._last_nbytes = snapshot.nbytes
+        writer.adjust(snapshot.nbytes - estimate)
+        estimate = snapshot.nbytes
         store = self.store
+
+        stall = self.last_stall_secs
 
         def persist_and_commit():
             began = time.perf_counter()
             try:
                 files = store.write_data(step, snapshot.tensors)
+                persisted = time.perf_counter() - began
                 info = store.commit(step, files)
             finally:
                 snapshot.done()
             logger.info("[step=%d] Saved checkpoint %s (%.1f MB) in %.2fs; the training loop waited %.1f ms.",
-                        step, info.url, info.nbytes / 1e6, time.perf_counter() - began,
-                        1e3 * self.last_stall_secs)
+                        step, info.url, info.nbytes / 1e6, time.perf_counter() - began, 1e3 * stall)
+            self._health[step] = {"stall_ms": 1e3 * stall, "persist_secs": persisted, "bytes": info.nbytes,
+                                  "MBps": info.nbytes / 1e6 / persisted if persisted > 0 else 0.0}
             return info
 
         return writer.submit(step, estimate, persist_and_commit)
@@ -260,10 +273,21 @@ class CheckpointSaverHook(SessionRunHook):
         self._writer.completed.clear()
         return self._after_commit(session, step, info)
 
+    def _count_retry(self, url, exc):
+        self.retries += 1
+
+    def _write_health(self, step):
+        """Checkpointing cost as TensorBoard scalars beside the loss curve."""
+        health = dict(self._health.pop(step, {}))
+        health.update(skipped_saves=getattr(self, "skipped_saves", 0), failed_saves=self.failed_saves,
+                      retries=self.retries)
+        self._summary_writer.add_summary({"checkpoint/" + k: float(v) for k, v in health.items()}, step)
+
     def _after_commit(self, session, step, info):
         session.latest_checkpoint = info.url
         self.store.mark_listeners_started(step)  # at most once per step, even across a restart (I3)
         self._summary_writer.add_session_log("CHECKPOINT", step, checkpoint_path=self._save_path)
+        self._write_health(step)
         logger.info("[step=%d] Calling checkpoint listeners after saving checkpoint %d...", step, step)
         should_stop = False
         for listener in self._listeners:

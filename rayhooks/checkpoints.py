@@ -111,7 +111,7 @@ class CheckpointStore:
             stats = _write(fileobj, index, tensors)
             return index.getvalue(), stats
 
-        index_bytes, stats = self.storage.write_with(data_name, produce)
+        index_bytes, stats = self.storage.write_with(data_name, produce, fresh=True)
         self.storage.write_bytes(index_name, index_bytes)
         return {data_name: {"bytes": stats["data_bytes"], "crc32c": stats["data_crc32c"]},
                 index_name: {"bytes": stats["index_bytes"], "crc32c": stats["index_crc32c"]}}
@@ -132,7 +132,7 @@ class CheckpointStore:
     def _retain(self, newest: CheckpointInfo) -> None:
         infos = [i for i in self.committed() if not i.preserved]
         old = self._read_state()
-        last_preserved = old.last_preserved_timestamp if old and old.last_preserved_timestamp else \
+        last_preserved = old.last_preserved_timestamp if old is not None else \
             (infos[0].timestamp if infos else newest.timestamp)
         kept, preserved, dropped, last_preserved = self.retention.split(infos, last_preserved)
         for info in preserved:  # kept forever, and off the list, as CheckpointManager does
@@ -172,6 +172,7 @@ class CheckpointStore:
                 manifest = json.loads(self.storage.read_bytes(name))
                 if manifest.get("format") != MANIFEST_FORMAT:
                     raise ValueError("format %r" % manifest.get("format"))
+                _check_files(manifest["files"])
                 out.append(CheckpointInfo(int(manifest["step"]), manifest["prefix"],
                                           self.storage.url_of(manifest["prefix"]),
                                           dict(manifest["files"]), float(manifest["timestamp"]),
@@ -204,10 +205,15 @@ class CheckpointStore:
             return None
 
     def partials(self) -> List[str]:
-        """Files of this basename that belong to no committed checkpoint."""
-        committed = {i.prefix for i in self.committed()}
+        """Files of this basename that belong to no checkpoint with a manifest.
+
+        A step whose manifest exists but does not parse is not a partial: it
+        is reported as malformed and never deleted by garbage collection.
+        """
+        names = self.storage.listdir()
+        committed = {name[:-len(MANIFEST_SUFFIX)] for name in names if name.endswith(MANIFEST_SUFFIX)}
         out = []
-        for name in self.storage.listdir():
+        for name in names:
             m = self._pattern.fullmatch(name)
             if m and "%s-%s" % (self.basename, m.group(1)) not in committed:
                 out.append(name)
@@ -255,10 +261,16 @@ class CheckpointStore:
                 size += len(chunk)
         return int.from_bytes(crc.digest(), "big"), size
 
-    def reader(self, info: CheckpointInfo) -> "CheckpointReader":
-        return CheckpointReader(self.storage, info)
+    def reader(self, info: CheckpointInfo, worker: Optional[int] = None) -> "CheckpointReader":
+        """Reads `info`; with `worker`, that worker's own shard where the checkpoint has one."""
+        prefix = info.prefix
+        if worker:
+            shard = "%s.worker%d" % (info.prefix, worker)
+            if bundle.index_filename(shard) in info.files:
+                prefix = shard
+        return CheckpointReader(self.storage, info, prefix)
 
-    def restore_latest(self, saver, verify: bool = True) -> Optional[CheckpointInfo]:
+    def restore_latest(self, saver, verify: bool = True, worker: Optional[int] = None) -> Optional[CheckpointInfo]:
         """Restores the newest checkpoint that verifies; falls back to older ones with a warning."""
         for info in reversed(self.committed()):
             problems = self.verify(info) if verify else []
@@ -266,7 +278,7 @@ class CheckpointStore:
                 logger.warning("[step=%d] checkpoint %s is damaged (%s); falling back to the previous one",
                                info.step, info.url, "; ".join(problems))
                 continue
-            saver.restore(self.reader(info))
+            saver.restore(self.reader(info, worker))
             return info
         return None
 
@@ -274,9 +286,10 @@ class CheckpointStore:
 class CheckpointReader:
     """Read access to one committed checkpoint, handed to `saver.restore`."""
 
-    def __init__(self, storage: Storage, info: CheckpointInfo):
+    def __init__(self, storage: Storage, info: CheckpointInfo, prefix: Optional[str] = None):
         self.storage = storage
         self.info = info
+        self.prefix = prefix or info.prefix
 
     @property
     def url(self) -> str:
@@ -287,16 +300,29 @@ class CheckpointReader:
         return self.info.step
 
     def read_tensors(self, keys=None) -> dict:
-        index = self.storage.read_bytes(bundle.index_filename(self.info.prefix))
-        with self.storage.open_read(bundle.data_filename(self.info.prefix)) as data:
+        index = self.storage.read_bytes(bundle.index_filename(self.prefix))
+        with self.storage.open_read(bundle.data_filename(self.prefix)) as data:
             return bundle.read_bundle(index, data, keys=keys)
 
     @contextlib.contextmanager
     def local_prefix(self):
         """A local path prefix TF can read (downloads first for a remote URL)."""
         from rayhooks.savers import staged_locally
-        with staged_locally(self.storage, sorted(self.info.files)) as local_dir:
-            yield "%s/%s" % (local_dir, self.info.prefix)
+        names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
+        with staged_locally(self.storage, names) as local_dir:
+            yield "%s/%s" % (local_dir, self.prefix)
+
+
+def _check_files(files) -> None:
+    """A manifest's file table: plain names in this directory, each with a size and a crc32c."""
+    if not isinstance(files, dict) or not files:
+        raise ValueError("no file table")
+    for name, meta in files.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in (".", "..") or not name:
+            raise ValueError("file name %r is not a plain name in the directory" % (name,))
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
+                or not isinstance(meta.get("crc32c"), int):
+            raise ValueError("file %r has no integer bytes and crc32c" % (name,))
 
 
 def _write(data_file, index_file, tensors):

@@ -17,6 +17,7 @@ A step with no planned action does no I/O: the hooks only compare integers.
 """
 
 import logging
+import sys
 
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
@@ -32,14 +33,13 @@ def _overrides(hook, name):
     return getattr(type(hook), name, None) is not getattr(SessionRunHook, name)
 
 
-def _end_of_input_types():
-    types = [StopIteration]
-    try:
-        import tensorflow as tf
-        types.append(tf.errors.OutOfRangeError)
-    except ImportError:  # rayhooks runs without TF for NumpySaver users
-        pass
-    return tuple(types)
+def _is_end_of_input(exc_type) -> bool:
+    """StopIteration, or TF's OutOfRangeError (looked up only if TF is loaded: numpy users never pay for it)."""
+    if issubclass(exc_type, StopIteration):
+        return True
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    return errors is not None and issubclass(exc_type, errors.OutOfRangeError)
 
 
 class MonitoredSession:
@@ -62,7 +62,7 @@ class MonitoredSession:
 
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
                  global_step=None, steps_per_run=1, scaffold=None, restore_store=None,
-                 is_chief=True, worker_index=0, num_workers=1, keep_outputs=False):
+                 is_chief=True, worker_index=0, num_workers=1, keep_outputs=False, restore_shard=None):
         if steps_per_run < 1:
             raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
         self._hooks = list(chief_hooks or []) + list(hooks or [])
@@ -81,9 +81,9 @@ class MonitoredSession:
                                     is_chief=is_chief, worker_index=worker_index, num_workers=num_workers,
                                     saver=self.saver, store=restore_store)
         self.coord = Coordinator()
-        self._end_types = _end_of_input_types()
         self._args_cache = (None, None)
         self._keep_outputs = keep_outputs
+        self._restore_shard = restore_shard
         self._should_stop = False
         self._closed = False
         for hook in self._hooks:
@@ -94,7 +94,7 @@ class MonitoredSession:
         step = None
         store = self.handle._store
         if store is not None and self.saver is not None:
-            info = store.restore_latest(self.saver)
+            info = store.restore_latest(self.saver, worker=self._restore_shard)
             if info is not None:
                 step = info.step
                 self.handle.latest_checkpoint = info.url
@@ -168,7 +168,7 @@ class MonitoredSession:
         return self
 
     def __exit__(self, exc_type, exc_value, tb):
-        if exc_type is not None and issubclass(exc_type, self._end_types):
+        if exc_type is not None and _is_end_of_input(exc_type):
             exc_type = None
         self._close(exc_type)
         return exc_type is None

@@ -148,6 +148,7 @@ class TrackableSaver:
 
     def snapshot(self) -> Snapshot:
         saver = self.checkpoint._saver  # TF keeps the gather step private; it is stable since TF 2.10
+        from tensorflow.python.training.saving.saveable_object import SaveSpec
         serialized, _, registered, _ = saver._gather_serialized_tensors(None)
         if registered:
             raise ValueError("state uses TF registered savers (%s), which rayhooks cannot snapshot; "
@@ -159,10 +160,12 @@ class TrackableSaver:
                 if isinstance(value, Mapping):
                     raise ValueError("tensor %r is partitioned (slice specs %s); rayhooks saves whole "
                                      "tensors only" % (key, sorted(value)))
-                if not hasattr(value, "numpy") and hasattr(value, "tensor"):
-                    # A SaveSpec: TF would read the variable through an identity
-                    # op (a full copy); a plain variable is read in place instead,
-                    # and `_host_copy` makes the one copy into a pooled buffer.
+                if isinstance(value, SaveSpec):
+                    # TF would read the variable through an identity op (a full
+                    # copy); a plain variable is read in place instead, and
+                    # `_host_copy` makes the one copy into a pooled buffer.
+                    # (`value.tensor` is a property that runs the read: touch it
+                    # only when the in-place read does not apply.)
                     direct = _read_in_place(trackable, key)
                     value = value.tensor if direct is None else direct
                 elif callable(value):

@@ -18,6 +18,8 @@ import errno
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 import uuid
 from typing import Callable, Iterable, List, Optional
@@ -166,15 +168,18 @@ class Storage:
     def makedirs(self) -> None:
         self.call("makedirs", "", self.fs.makedirs, self._path(""), exist_ok=True)
 
-    def write_with(self, name: str, producer: Callable) -> object:
+    def write_with(self, name: str, producer: Callable, fresh: bool = False) -> object:
         """Creates `name` from `producer(fileobj)`, atomically; the whole write is retried.
 
         The producer must be able to run again from the start: a retry restarts
-        the object, it never appends to a half-written one.
+        the object, it never appends to a half-written one. `fresh=True` says
+        no complete object of that name exists yet (a new checkpoint's data), so
+        an object store may stream straight to it; otherwise the bytes are
+        spooled first, and a failing producer leaves the old object untouched.
         """
-        return self.call("write", name, self._write_once, name, producer)
+        return self.call("write", name, self._write_once, name, producer, fresh)
 
-    def _write_once(self, name, producer):
+    def _write_once(self, name, producer, fresh=True):
         path = self._path(name)
         if self.is_local:
             tmp = "%s.tmp-%s" % (path, uuid.uuid4().hex[:12])
@@ -190,22 +195,29 @@ class Storage:
                     os.remove(tmp)
                 raise
             return result
+        if not fresh:
+            with tempfile.TemporaryFile(prefix="rayhooks-spool-") as spool:
+                result = producer(spool)
+                spool.seek(0)
+                return self._write_once(name, lambda f: (shutil.copyfileobj(spool, f, 8 << 20), result)[1])
         f = self.fs.open(path, "wb")
         try:
             result = producer(f)
         except BaseException:
-            # Closing would publish the partial object; cancel the upload instead.
+            # Closing would publish the partial object; cancelling the upload
+            # leaves whatever was there before untouched.
             with contextlib.suppress(Exception):
                 f.discard()
-            with contextlib.suppress(Exception):
-                if self.fs.exists(path):
-                    self.fs.rm(path)
             raise
         f.close()
         return result
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.write_with(name, lambda f: f.write(data))
+        """Writes a small object whole: one PUT on an object store, so a failure changes nothing."""
+        if self.is_local:
+            self.write_with(name, lambda f: f.write(data))
+        else:
+            self.call("write", name, self.fs.pipe_file, self._path(name), data)
 
     def read_bytes(self, name: str) -> bytes:
         return self.call("read", name, self.fs.cat_file, self._path(name))
@@ -269,8 +281,9 @@ def _with_url(exc: BaseException, what: str, url: str, attempts: int) -> BaseExc
     msg = "%s %s failed after %d attempt(s): %s" % (what, url, attempts, exc)
     if url in str(exc):
         msg = "%s failed after %d attempt(s): %s" % (what, attempts, exc)
-    for kind in (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                 FileExistsError, TimeoutError, ConnectionError, ValueError):
-        if isinstance(exc, kind):
-            return kind(msg)
+    if type(exc).__module__ == "builtins":
+        try:
+            return type(exc)(msg)  # the same builtin kind, so callers can still tell errors apart
+        except TypeError:
+            pass
     return OSError(msg)

@@ -117,7 +117,7 @@ class SummaryWriter:
                 self._spool.write(data)
                 self._spool.seek(0)
                 spool = self._spool
-                self.storage.write_with(name, lambda f: _copy(spool, f))
+                self.storage.write_with(name, lambda f: _copy(spool, f), fresh=True)
         except BaseException:
             with self._lock:  # nothing is dropped: the batch goes back in front for the next try
                 self._pending[:0] = batch

@@ -62,6 +62,13 @@ class BackgroundWriter:
             self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self._in_flight_bytes)
             return True
 
+    def adjust(self, delta: int) -> None:
+        """Corrects a reservation once the snapshot's real size is known."""
+        with self._cond:
+            self._in_flight_bytes += delta
+            self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self._in_flight_bytes)
+            self._cond.notify_all()
+
     def release(self, nbytes: int) -> None:
         """Gives back room reserved by `admit` for a save that was not submitted."""
         with self._cond:

@@ -54,9 +54,16 @@ class GcsEmulator:
                 self.proc.kill()
             self.proc = None
 
+    @property
+    def options(self):
+        """fsspec storage options for this server. The endpoint is explicit: gcsfs caches
+        filesystems by their options, and one cached for an earlier server would keep
+        talking to its (closed) port."""
+        return {"token": "anon", "project": "rayhooks-test", "endpoint_url": self.endpoint}
+
     def make_bucket(self, name):
         import gcsfs
-        fs = gcsfs.GCSFileSystem(token="anon", project="rayhooks-test")
+        fs = gcsfs.GCSFileSystem(**self.options)
         fs.mkdir(name)
         fs.invalidate_cache()
         return name

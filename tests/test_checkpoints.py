@@ -183,10 +183,6 @@ def test_keep_checkpoint_every_n_hours(storage_url):
     _expect_tf_manager_retention(_keep_every_hour(storage_url, T0), T0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rayhooks/checkpoints.py CheckpointStore._retain: `old.last_preserved_timestamp` of 0.0 "
-    "is falsy, so with a clock starting at 0 (rh.ManualClock()) the last preserved time is reset "
-    "to the oldest remaining checkpoint's timestamp and the wrong checkpoints are preserved"))
 def test_keep_checkpoint_every_n_hours_clock_at_zero(memory_url):
     _expect_tf_manager_retention(_keep_every_hour(memory_url, 0.0), 0.0)
 

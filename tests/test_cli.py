@@ -178,8 +178,6 @@ def test_a_manifest_without_sizes_is_bad_not_a_traceback(run_dir, tmp_path, caps
     assert code == 0 and "restored step 20" in out and "step 30 is malformed" in err
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="rayhooks bug: CheckpointStore.committed() accepts a "
-                   "manifest whose file entries lack bytes/crc32c, and verify() then raises KeyError")
 def test_library_restore_latest_falls_back_past_a_manifest_without_sizes(run_dir):
     _strip_file_sizes(run_dir, 30)
     store = rh.CheckpointStore(rh.Storage(run_dir))

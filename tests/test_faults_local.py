@@ -20,8 +20,9 @@ import pytest
 import rayhooks as rh
 from gcs_emulator import GcsEmulator
 
-GS = {"token": "anon", "project": "rayhooks-test"}
-FAST_RETRY = rh.RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.05)
+# gcsfs already retries each request 6 times with backoff (about 30 s when the server is
+# gone), so rayhooks' own retries are turned off here to keep the test short.
+FAST_RETRY = rh.RetryPolicy(max_attempts=1)
 
 TRAINER = textwrap.dedent("""
     import sys, numpy as np, rayhooks as rh
@@ -98,11 +99,11 @@ def _training(url, state, hook):
 def test_storage_server_stops_mid_run_and_comes_back(restartable_gcs, policy):
     url = "gs://faults/run-%s" % uuid.uuid4().hex[:8]
     state = {"w": np.zeros(1 << 18, np.float32)}
-    hook = rh.CheckpointSaverHook(url, save_steps=2, storage_options=GS, retry=FAST_RETRY, on_write_error=policy)
+    hook = rh.CheckpointSaverHook(url, save_steps=2, storage_options=restartable_gcs.options, retry=FAST_RETRY, on_write_error=policy)
     sess, step = _training(url, state, hook)
     sess.run(step)
     sess.run(step)  # step 2 committed
-    store = rh.CheckpointStore(rh.Storage(url, GS))
+    store = rh.CheckpointStore(rh.Storage(url, restartable_gcs.options))
     assert store.latest().step == 2
     restartable_gcs.stop()
     sess.run(step)
@@ -131,7 +132,7 @@ def test_in_flight_snapshots_stay_within_the_byte_budget(restartable_gcs):
     url = "gs://faults/budget-%s" % uuid.uuid4().hex[:8]
     state = {"w": np.zeros(1 << 20, np.float32)}  # 4 MB per snapshot, saved every step: faster than storage
     budget = 9 << 20
-    hook = rh.AsyncCheckpointSaverHook(url, save_steps=1, storage_options=GS, in_flight="wait",
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=1, storage_options=restartable_gcs.options, in_flight="wait",
                                        max_in_flight=8, max_in_flight_bytes=budget, max_to_keep=2)
     sess, step = _training(url, state, hook)
     with sess:
@@ -139,17 +140,17 @@ def test_in_flight_snapshots_stay_within_the_byte_budget(restartable_gcs):
             sess.run(step)
     assert hook._writer.peak_in_flight_bytes <= budget
     assert hook._writer.peak_in_flight_bytes >= 4 << 20
-    assert rh.CheckpointStore(rh.Storage(url, GS)).latest().step == 12
+    assert rh.CheckpointStore(rh.Storage(url, restartable_gcs.options)).latest().step == 12
 
 
 def test_skip_policy_never_holds_two_snapshots(restartable_gcs):
     url = "gs://faults/skip-%s" % uuid.uuid4().hex[:8]
     state = {"w": np.zeros(1 << 20, np.float32)}
-    hook = rh.AsyncCheckpointSaverHook(url, save_steps=1, storage_options=GS)
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=1, storage_options=restartable_gcs.options)
     sess, step = _training(url, state, hook)
     with sess:
         for _ in range(12):
             sess.run(step)
     assert hook._writer.peak_in_flight_bytes <= 4 << 20
     assert hook.skipped_saves > 0
-    assert rh.CheckpointStore(rh.Storage(url, GS)).latest().step == 12
+    assert rh.CheckpointStore(rh.Storage(url, restartable_gcs.options)).latest().step == 12

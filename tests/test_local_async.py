@@ -246,10 +246,6 @@ def test_wait_mode_waits_instead_of_skipping(storage_url):
         np.testing.assert_array_equal(extract(_tensors(storage_url, saved)), np.full(4096, saved, np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rayhooks/checkpoint_hooks.py CheckpointSaverHook._snapshot_and_submit: the first save "
-    "reserves `getattr(self, '_last_nbytes', 0)` = 0 bytes with the writer, so max_in_flight_bytes "
-    "does not count the first snapshot and a second one is admitted next to it"))
 def test_wait_mode_byte_budget_bounds_the_snapshots_in_memory(storage_url):
     state, step, extract = _numpy_state()
     one_snapshot = state["w"].nbytes

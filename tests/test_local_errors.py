@@ -325,12 +325,6 @@ def test_wait_mode_raises_the_failure_it_waited_for(storage_url):
         _restore_dir(storage_url)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rayhooks/checkpoint_hooks.py CheckpointSaverHook._snapshot_and_submit: "
-    "self._on_admitted(session) runs after writer.admit() but outside the try that calls "
-    "writer.release(estimate); when it raises (a stored background error, or a listener's "
-    "after_save), the reservation leaks, the writer stays busy forever and end()'s "
-    "wait_idle() hangs"))
 def test_close_after_a_save_error_does_not_hang(memory_url):
     """The user catches the error from run() and closes the session: end() must finish."""
     storage_url = memory_url
@@ -411,10 +405,6 @@ def test_unsavable_tensor_names_the_tensor_the_url_and_the_step(storage_url):
     assert not rh.Storage(storage_url).exists("checkpoint")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rayhooks/storage.py _with_url: exceptions outside its list of builtin kinds (TypeError from "
-    "BundleWriter.add for an unsupported dtype, RuntimeError from a producer) are re-raised as "
-    "OSError, so a data error is reported as a storage failure"))
 def test_unsavable_tensor_keeps_its_error_kind(storage_url):
     with pytest.raises(TypeError):
         rh.MonitoredTrainingSession(checkpoint_dir=storage_url, state=_BadSaver(), save_checkpoint_steps=1)

@@ -87,12 +87,6 @@ def test_failed_producer_leaves_no_file(storage_url):
 def test_failed_producer_keeps_the_old_file(storage_url, request):
     """A failed overwrite leaves the previous, complete version (the `checkpoint` state file and
     manifests are rewritten in place, so losing the old version un-commits checkpoints)."""
-    if storage_url.startswith("memory://"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG rayhooks/storage.py Storage._write_once (object-store branch): fs.open(path, 'wb') "
-            "is opened before the producer runs (memory:// replaces the old object at open), and on "
-            "failure the path is rm'ed, which on gs:// deletes the old complete object after "
-            "discard() cancelled the upload")))
     st = rh.Storage(storage_url)
     st.write_bytes("data", b"old and complete")
 

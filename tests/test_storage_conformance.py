@@ -16,8 +16,6 @@ import rayhooks as rh
 from rayhooks.formats import events
 from gcs_emulator import GcsEmulator
 
-GS_OPTIONS = {"token": "anon", "project": "rayhooks-test"}
-
 
 @pytest.fixture(scope="session")
 def gcs():
@@ -33,8 +31,7 @@ def url_and_options(request, tmp_path):
         return "file://" + str(tmp_path / "run"), None
     if request.param == "memory":
         return "memory://conf-%s" % uuid.uuid4().hex, None
-    request.getfixturevalue("gcs")
-    return "gs://rayhooks-test/conf-%s" % uuid.uuid4().hex, GS_OPTIONS
+    return "gs://rayhooks-test/conf-%s" % uuid.uuid4().hex, request.getfixturevalue("gcs").options
 
 
 def _storage(url_and_options):
@@ -143,7 +140,7 @@ def test_missing_bucket_fails_at_begin_with_the_url(gcs):
     url = "gs://no-such-bucket-%s/run" % uuid.uuid4().hex[:8]
     with pytest.raises(OSError, match="no-such-bucket"):
         rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=1, state={"w": np.zeros(1)},
-                                    storage_options=GS_OPTIONS)
+                                    storage_options=gcs.options)
 
 
 def test_unknown_protocol_names_the_url():
