@@ -61,6 +61,7 @@ class Chief:
         self._before_saved = set()
         self._cancelled = set()  # planned steps a writer skipped: the final save must not count on them
         self._final_saves = set()  # final saves announced by a worker's end, which the other writers owe too
+        self.recoveries = 0
         self.planner = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -93,14 +94,47 @@ class Chief:
         if self.spec.summary is not None:
             schedules.append(Schedule(SUMMARY, self.spec.summary.timer, first_offset=1,
                                       fetches=self.spec.summary.fetches))
-        self.planner = Planner(start_step, schedules, last_step=self.spec.last_step)
-        for hook in self.spec.hooks:
+        recovering = self.planner is not None
+        if not recovering:
+            self.planner = Planner(start_step, schedules, last_step=self.spec.last_step)
+        for hook in self.spec.hooks:  # again after a recovery, as TF1's recovered session did
             hook.after_create_session(self.session, self.coord)
         if self.spec.summary is not None:
             self._summary_writer.add_session_log("START", start_step + 1)
+        if recovering:
+            latest = self.spec.checkpoint.store.latest() if self.spec.checkpoint is not None else None
+            return {"actions": self._rules_after(None if latest is None else latest.step),
+                    "stop_step": self.planner.stop_step}
         stop = self.planner.initial_stop()
         actions = self._announce(self.planner.tick(start_step, self.planner.min_margin))
         return {"actions": actions, "stop_step": stop}
+
+    def workers_lost(self, why: str) -> None:
+        """The worker group is gone and will be restarted from the latest committed checkpoint.
+
+        What was in flight is dropped: shards of uncommitted steps are partials
+        now, and garbage collection removes them after the next commit.
+        """
+        logger.warning("workers lost (%s); restarting them from the latest committed checkpoint", why)
+        self.recoveries += 1
+        self._shards.clear()
+        self._ended.clear()
+        self._final_saves.clear()
+        self._announced.clear()
+        self._last_seen.clear()
+        self._rates.clear()
+        for schedule in self.planner.schedules:
+            schedule.pending = None
+
+    def _rules_after(self, committed: Optional[int]) -> List[Action]:
+        """Each step rule, restarted after the latest committed step: a committed checkpoint is never rewritten."""
+        out = []
+        for rule in self._rules.values():
+            first = rule.step
+            if committed is not None and committed >= rule.step:
+                first = rule.step + rule.every * ((committed - rule.step) // rule.every + 1)
+            out.append(Action(first, rule.kind, rule.fetches, rule.every))
+        return out
 
     def _announce(self, actions: List[Action]) -> List[Action]:
         for action in actions:
@@ -292,5 +326,6 @@ class Chief:
         if self.spec.checkpoint is not None:
             SummaryWriterCache.get(self.spec.checkpoint.store.url).flush()
         return {"last_step": last_step, "committed": list(self.committed), "metrics": dict(self._metrics),
+                "recoveries": self.recoveries,
                 "skipped_saves": self.skipped_saves,
                 "latest_checkpoint": self.session.latest_checkpoint}

@@ -34,12 +34,14 @@ class LaunchResult:
     metrics: Dict[str, float]         # worker 0's last scalar step outputs
     skipped_saves: int
     worker_results: list
+    recoveries: int = 0               # times the worker group was restarted after a failure
 
 
 def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None, backend: str = "ray",
            resources_per_worker: Optional[dict] = None, placement_strategy: str = "PACK",
            all_workers_write: bool = False, tf_config: bool = True, report_interval: float = 0.05,
-           ray_init_kwargs: Optional[dict] = None, placement_timeout_s: float = 600) -> LaunchResult:
+           ray_init_kwargs: Optional[dict] = None, placement_timeout_s: float = 600,
+           max_failures: int = 0, name: Optional[str] = None) -> LaunchResult:
     """Runs `train_fn(ctx)` on `num_workers` workers with a chief that owns the schedule.
 
     Args:
@@ -63,6 +65,13 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         `tf.distribute.MultiWorkerMirroredStrategy` (ports chosen free on
         each node).
       report_interval: seconds between a worker's progress reports.
+      max_failures: how many times the worker group is restarted after a
+        worker fails (raises, or its actor or node dies). A restart resumes
+        every worker from the latest committed checkpoint and runs the
+        hooks' `after_create_session` again; the chief and its listeners
+        carry on. Past the limit, `launch` raises the worker's error.
+      name: names the run's Ray actors `rayhooks-<name>-worker-<i>`
+        (default: a random name).
     """
     if num_workers < 1:
         raise ValueError("num_workers must be >= 1, got %r" % (num_workers,))
@@ -73,19 +82,25 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
     for hook in hooks:  # a worker's StopAtStepHook is a stop every worker must share
         if isinstance(hook, StopAtStepHook) and hook._last_step is not None:
             spec.last_step = hook._last_step if spec.last_step is None else min(spec.last_step, hook._last_step)
+    if max_failures < 0:
+        raise ValueError("max_failures must be >= 0, got %r" % (max_failures,))
+    import uuid
+    name = name or uuid.uuid4().hex[:8]
     runner = _run_local if backend == "local" else _run_ray
     return runner(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
-                  report_interval, ray_init_kwargs, placement_timeout_s)
+                  report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name)
 
 
 def _result(summary: dict, worker_results) -> LaunchResult:
     return LaunchResult(summary["last_step"], summary["committed"], summary["latest_checkpoint"],
-                        summary["metrics"], summary["skipped_saves"], list(worker_results))
+                        summary["metrics"], summary["skipped_saves"], list(worker_results),
+                        summary.get("recoveries", 0))
 
 
 def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
-               report_interval, ray_init_kwargs, placement_timeout_s):
+               report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name):
     import copy
+    import traceback
     from rayhooks.transport import ChiefThread, LocalTransport
     from rayhooks.worker import WorkerContext
 
@@ -93,43 +108,54 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
     chief = Chief(spec, num_workers, lambda i, update: contexts[i].agent.receive(update),
                   report_latency=report_interval)
     chief_thread = ChiefThread(chief)
+    failures = 0
     try:
         start = chief_thread.call("start")
         transport = LocalTransport(chief_thread)
-        contexts.extend(WorkerContext(i, num_workers, spec, transport, copy.deepcopy(hooks), report_interval)
-                        for i in range(num_workers))
-        first = chief_thread.call("workers_created", start or 0)
-        for ctx in contexts:
-            ctx.agent.receive(first)
-        results, errors = [None] * num_workers, [None] * num_workers
-        tracebacks = [None] * num_workers  # the message carries the worker's traceback, as on Ray (WorkerError)
-        failed = threading.Event()
+        while True:
+            contexts[:] = [WorkerContext(i, num_workers, spec, transport, copy.deepcopy(hooks), report_interval)
+                           for i in range(num_workers)]
+            first = chief_thread.call("workers_created", start or 0)
+            for ctx in contexts:
+                ctx.agent.receive(first)
+            results, errors = [None] * num_workers, [None] * num_workers
 
-        def run(i):
-            try:
-                results[i] = train_fn(contexts[i])
-            except BaseException as e:
-                errors[i] = e
-                tracebacks[i] = traceback.format_exc()
-                failed.set()
-                chief_thread.post("worker_failed", i, repr(e))
-                for ctx in contexts:  # the others stop at their next step rather than wait on a dead peer
-                    ctx.agent.receive({"stop_step": 0})
+            def run(i):
+                try:
+                    results[i] = train_fn(contexts[i])
+                except BaseException as e:
+                    errors[i] = (e, traceback.format_exc())
+                    for ctx in contexts:  # the others stop at their next step rather than wait on a dead peer
+                        ctx.agent.abort()
 
-        threads = [threading.Thread(target=run, args=(i,), name="rayhooks-worker-%d" % i)
-                   for i in range(num_workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            threads = [threading.Thread(target=run, args=(i,), name="rayhooks-%s-worker-%d" % (name, i))
+                       for i in range(num_workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            failed = [(i, e) for i, e in enumerate(errors) if e is not None]
+            if not failed:
+                break
+            i, (error, formatted) = failed[0]
+            if failures < max_failures:
+                failures += 1
+                chief_thread.call("workers_lost", "worker %d raised %r" % (i, error))
+                start = _latest_step(spec)
+                continue
+            chief_thread.call("worker_failed", i, repr(error))
+            chief_thread.call("finish")
+            raise RuntimeError("worker %d failed; checkpoints committed before it stay committed. The "
+                               "worker's traceback:\n%s" % (i, formatted)) from error
         summary = chief_thread.call("finish")
     finally:
         chief_thread.close()
-    for i, error in enumerate(errors):
-        if error is not None:
-            raise RuntimeError("worker %d failed: %r; checkpoints committed before it stay committed\n%s"
-                               % (i, error, tracebacks[i])) from error
     return _result(summary, results)
+
+
+def _latest_step(spec):
+    info = spec.checkpoint.store.latest() if spec.checkpoint is not None else None
+    return info.step if info is not None else 0
 
 
 def _ensure_ray(ray_init_kwargs):
@@ -140,7 +166,7 @@ def _ensure_ray(ray_init_kwargs):
 
 
 def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
-             report_interval, ray_init_kwargs, placement_timeout_s):
+             report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name):
     ray = _ensure_ray(ray_init_kwargs)
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -156,43 +182,59 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                                                ray.cluster_resources()))
     chief = ChiefActor.remote(spec, num_workers, report_interval)
     workers = []
-    try:
-        options = {k.lower(): v for k, v in resources.items() if k in ("CPU", "GPU")}
-        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-        for i in range(num_workers):
-            workers.append(WorkerActor.options(
-                num_cpus=options.get("cpu", 0), num_gpus=options.get("gpu", 0), resources=custom or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(i, num_workers, spec, hooks, chief, report_interval))
+    options = {k.lower(): v for k, v in resources.items() if k in ("CPU", "GPU")}
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+
+    def start_workers():
+        workers[:] = [WorkerActor.options(
+            name="rayhooks-%s-worker-%d" % (name, i),
+            num_cpus=options.get("cpu", 0), num_gpus=options.get("gpu", 0), resources=custom or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(i, num_workers, spec, hooks, chief, report_interval) for i in range(num_workers)]
         ray.get(chief.connect.remote(workers))
         if tf_config:
             addresses = ray.get([w.node_address.remote() for w in workers])
             ray.get([w.set_env.remote({"TF_CONFIG": json.dumps({
                 "cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}})})
                 for i, w in enumerate(workers)])
+
+    def stop_workers():
+        for w in workers:  # collective peers of a dead worker would wait forever
+            ray.kill(w, no_restart=True)
+        workers[:] = []
+
+    try:
         start = ray.get(chief.call.remote("start"))
-        first = ray.get(chief.call.remote("workers_created", start or 0))
-        ray.get([w.receive.remote(first) for w in workers])
-        refs = [w.run.remote(train_fn) for w in workers]
-        pending, failure = list(refs), None
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except Exception as e:
-                cause = e.cause if isinstance(getattr(e, "cause", None), WorkerError) else e
-                failure = cause
-                index = getattr(cause, "worker_index", refs.index(done[0]))
-                ray.get(chief.call.remote("worker_failed", index, str(cause)))
-                for w in workers:  # collective peers of a dead worker would wait forever
-                    ray.kill(w)
+        failures = 0
+        while True:
+            start_workers()
+            first = ray.get(chief.call.remote("workers_created", start or 0))
+            ray.get([w.receive.remote(first) for w in workers])
+            refs = [w.run.remote(train_fn) for w in workers]
+            pending, failure = list(refs), None
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                try:
+                    ray.get(done[0])
+                except Exception as e:
+                    cause = e.cause if isinstance(getattr(e, "cause", None), WorkerError) else e
+                    failure = (getattr(cause, "worker_index", refs.index(done[0])), cause)
+                    break
+            if failure is None:
                 break
+            index, cause = failure
+            stop_workers()
+            if failures < max_failures:
+                failures += 1
+                ray.get(chief.call.remote("workers_lost", "worker %d: %s" % (index, str(cause)[:500])))
+                start = _latest_step(spec)
+                continue
+            ray.get(chief.call.remote("worker_failed", index, str(cause)))
+            ray.get(chief.call.remote("finish"))
+            raise cause
         summary = ray.get(chief.call.remote("finish"))
-        if failure is not None:
-            raise failure
         return _result(summary, ray.get(refs))
     finally:
-        for w in workers:
-            ray.kill(w)
+        stop_workers()
         ray.kill(chief)
         remove_placement_group(pg)

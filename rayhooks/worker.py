@@ -54,12 +54,18 @@ class WorkerAgent(SessionRunHook):
         self._shards = []
         self._skipped = []
         self._stop_requested = False
+        self._aborted = False
         ck = spec.checkpoint
         self.writes = ck is not None and (worker_index == 0 or ck.all_workers_write)
         self._writer = None
         if self.writes:
             self._writer = BackgroundWriter("checkpoint shard of worker %d" % worker_index,
                                             ck.max_in_flight, ck.max_in_flight_bytes)
+
+    def abort(self) -> None:
+        """Stops this worker at its next step, with no final save: a peer failed."""
+        self._aborted = True
+        self.receive({"stop_step": 0})
 
     # -- from the chief (another thread) ----------------------------------------
 
@@ -85,6 +91,9 @@ class WorkerAgent(SessionRunHook):
             self._stop_requested = True
             self._next_report = 0.0
         if step >= self._next_step:
+            if self._aborted:
+                run_context.request_stop()
+                return
             self._run_due(step, session)
             if step >= self._stop_step:
                 run_context.request_stop()
@@ -165,6 +174,10 @@ class WorkerAgent(SessionRunHook):
         self._next_report = self._clock() + self._interval
 
     def end(self, session):
+        if self._aborted:
+            if self._writer is not None:
+                self._writer.wait_idle()
+            return
         step = session.global_step
         self.flush_report(step)
         for action in self._transport.worker_end(self.worker_index, step):

@@ -1,0 +1,132 @@
+"""A failed worker group restarts from the latest committed checkpoint (max_failures).
+
+Faults are real: on the local backend a worker's train_fn raises; on Ray a
+listener on the chief kills a worker actor with `ray.kill`, as a lost node would.
+"""
+
+import os
+import sys
+import threading
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+import rayhooks as rh
+
+
+class CountCreations(rh.SessionRunHook):
+    """A chief-only hook: after_create_session runs again when the workers are recovered."""
+
+    def __init__(self):
+        self.created = []
+
+    def after_create_session(self, session, coord):
+        self.created.append(session.global_step)
+
+    def end(self, session):
+        if len(self.created) != 2:
+            raise AssertionError("after_create_session ran %d times: %r" % (len(self.created), self.created))
+
+
+def _train(fail_once_at=None, failed=None):
+    def train_fn(ctx):
+        state = {"w": np.zeros(2, np.float32)}
+
+        def step():
+            state["w"] += 1
+            return {"loss": float(state["w"][0])}
+
+        with ctx.session(state=state) as sess:
+            if sess.global_step:
+                assert state["w"][0] == sess.global_step  # restored: the values after that very step
+            while not sess.should_stop():
+                sess.run(step)
+                if (fail_once_at is not None and ctx.worker_index == 1 and sess.global_step == fail_once_at
+                        and not failed.is_set()):
+                    failed.set()
+                    raise RuntimeError("injected failure of worker 1 at step %d" % sess.global_step)
+        return sess.global_step, float(state["w"][0])
+    return train_fn
+
+
+def test_local_worker_failure_restarts_from_the_latest_commit(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    failed = threading.Event()
+    counter = CountCreations()
+    result = rh.launch(_train(fail_once_at=7, failed=failed), 2, backend="local", max_failures=1,
+                       chief_only_hooks=[rh.CheckpointSaverHook(ckpt, save_steps=3), counter],
+                       hooks=[rh.StopAtStepHook(last_step=12)], report_interval=0)
+    assert failed.is_set() and result.recoveries == 1
+    assert result.last_step == 12
+    assert [r[0] for r in result.worker_results] == [12, 12]
+    assert [r[1] for r in result.worker_results] == [12.0, 12.0]
+    store = rh.CheckpointStore(rh.Storage(ckpt))
+    committed = [i.step for i in store.committed()]
+    assert result.checkpoints == [0, 3, 6, 9, 12], result.checkpoints
+    assert committed == [3, 6, 9, 12] or committed == [0, 3, 6, 9, 12], committed
+    for info in store.committed():
+        assert store.verify(info) == []
+        assert float(store.reader(info).read_tensors()["w"][0]) == info.step
+
+
+def test_local_failure_past_max_failures_raises_with_the_traceback(tmp_path):
+    failed = threading.Event()
+    with pytest.raises(RuntimeError, match="injected failure of worker 1") as error:
+        rh.launch(_train(fail_once_at=4, failed=failed), 2, backend="local", max_failures=0,
+                  chief_only_hooks=[rh.CheckpointSaverHook(str(tmp_path), save_steps=3)],
+                  hooks=[rh.StopAtStepHook(last_step=10)], report_interval=0)
+    assert "Traceback" in str(error.value)
+    store = rh.CheckpointStore(rh.Storage(str(tmp_path)))
+    assert all(i.step <= 3 and store.verify(i) == [] for i in store.committed())  # what committed stays whole
+
+
+class KillWorkerOnce(rh.CheckpointSaverListener):
+    """On the chief: after the checkpoint of `at_step` commits, kill worker 1's actor (a lost node)."""
+
+    def __init__(self, run_name, at_step):
+        self.run_name, self.at_step, self.killed = run_name, at_step, False
+
+    def after_save(self, session, step):
+        if step == self.at_step and not self.killed:
+            import ray
+            self.killed = True
+            ray.kill(ray.get_actor("rayhooks-%s-worker-1" % self.run_name))
+
+
+def _slow_train(ctx):
+    import time
+    state = {"w": np.zeros(2, np.float32)}
+
+    def step():
+        state["w"] += 1
+        deadline = time.perf_counter() + 0.005  # a real step takes time: the kill lands mid-run
+        while time.perf_counter() < deadline:
+            pass
+        return {}
+
+    with ctx.session(state=state) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    return sess.global_step, float(state["w"][0])
+
+
+def test_ray_worker_actor_killed_mid_run_recovers(ray_session, tmp_path):
+    import ray
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    ckpt = str(tmp_path / "ckpt")
+    counter = CountCreations()
+    result = rh.launch(_slow_train, 2, backend="ray", max_failures=1, name="killtest", tf_config=False,
+                       chief_only_hooks=[rh.CheckpointSaverHook(ckpt, save_steps=20,
+                                                                listeners=[KillWorkerOnce("killtest", 20)]),
+                                         counter],
+                       hooks=[rh.StopAtStepHook(last_step=200)])
+    assert result.recoveries == 1
+    assert [r[0] for r in result.worker_results] == [200, 200]
+    assert [r[1] for r in result.worker_results] == [200.0, 200.0]
+    store = rh.CheckpointStore(rh.Storage(ckpt))
+    assert store.latest().step == 200
+    for info in store.committed():
+        assert store.verify(info) == []
+        assert float(store.reader(info).read_tensors()["w"][0]) == info.step
