@@ -84,6 +84,7 @@ def restartable_gcs(tmp_path):
     emulator = GcsEmulator(data_dir=str(tmp_path / "gcs-data")).start()
     emulator.make_bucket("faults")
     yield emulator
+    rh.SummaryWriterCache.clear()  # flush this test's event files while their server still runs
     emulator.stop()
 
 
