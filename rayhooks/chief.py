@@ -17,11 +17,12 @@ Checkpoint listeners see `before_save(S)` when S is announced, before any
 worker snapshots it, and `after_save(S)` once S is committed.
 """
 
+import json
 import logging
 import time
 from typing import Dict, List, Optional
 
-from rayhooks.checkpoints import CheckpointStore
+from rayhooks.checkpoints import MANIFEST_SUFFIX, CheckpointStore
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, resolve_fetches
 from rayhooks.plan import CHECKPOINT, SUMMARY, Action, Planner, Schedule
@@ -212,6 +213,8 @@ class Chief:
     def _replay(self, step: int) -> None:
         """Runs the chief-only hooks for each step worker 0 completed since the last report."""
         hooks = self.spec.hooks
+        if self._replayed is None:  # a restarted chief: the steps before it came back are not replayed
+            self._replayed = step
         while self._replayed < step:
             stale = self._replayed
             context = SessionRunContext(SessionRunArgs(None), self.session)
@@ -246,8 +249,13 @@ class Chief:
         for worker_index in sorted(shards):
             files.update(shards[worker_index])
         ck = self.spec.checkpoint
-        info = ck.store.commit(step, files, extra={"num_workers": self.num_workers,
-                                                    "writers": sorted(shards)})
+        if step in self.committed:
+            logger.warning("[step=%d] already committed; ignoring a second set of shards", step)
+            return
+        info = ck.store.commit(step, files, extra={
+            "num_workers": self.num_workers, "writers": sorted(shards),
+            # what a restarted chief needs to follow the workers' step rules
+            "rules": {kind: [rule.step, rule.every] for kind, rule in self._rules.items()}})
         self.committed.append(step)
         self._last_checkpoint_step = step
         self.session.latest_checkpoint = info.url
@@ -258,6 +266,20 @@ class Chief:
         if self.spec.summary is not None or ck is not None:
             SummaryWriterCache.get(ck.store.url).add_session_log(
                 "CHECKPOINT", step, checkpoint_path=ck.store.storage.url_of(ck.store.basename))
+        self._dispatch_after_save(step)
+        rule = self._rules.get(CHECKPOINT)
+        if rule is not None:  # the next save on the rule hears before_save now, before it can commit
+            nxt = step + rule.every
+            if self.planner.stop_step is None or nxt <= self.planner.stop_step:
+                self._before_save(nxt)
+
+    def _dispatch_after_save(self, step: int) -> None:
+        """after_save(step), at most once per step even across a chief restart (I3)."""
+        ck = self.spec.checkpoint
+        if ck.store.listeners_started(step):
+            logger.warning("[step=%d] after_save already ran (before a chief restart); not again", step)
+            return
+        ck.store.mark_listeners_started(step)
         stop = False
         for listener in ck.listeners:
             if listener.after_save(self.session, step):
@@ -266,11 +288,47 @@ class Chief:
                 stop = True
         if stop:
             self._broadcast((), self.planner.request_stop(max(self.progress.values()), self._margin()))
-        rule = self._rules.get(CHECKPOINT)
-        if rule is not None:  # the next save on the rule hears before_save now, before it can commit
-            nxt = step + rule.every
-            if self.planner.stop_step is None or nxt <= self.planner.stop_step:
-                self._before_save(nxt)
+
+    def recover(self) -> None:
+        """Rebuilds a restarted chief from storage: the workers kept training meanwhile.
+
+        The latest committed checkpoint gives the step and the workers' step
+        rules; its `after_save` runs now unless it already ran (I3). Reports
+        lost while the chief was down are made up by the next ones.
+        """
+        self.start()
+        ck = self.spec.checkpoint
+        info = ck.store.latest() if ck is not None else None
+        step = info.step if info is not None else 0
+        logger.warning("[step=%d] the chief restarted; recovering from %s", step,
+                       info.url if info is not None else "nothing committed")
+        self.session.global_step = step
+        self.progress = {i: step for i in range(self.num_workers)}
+        schedules = []
+        if ck is not None:
+            schedules.append(Schedule(CHECKPOINT, ck.timer))
+        if self.spec.summary is not None:
+            schedules.append(Schedule(SUMMARY, self.spec.summary.timer, first_offset=1,
+                                      fetches=self.spec.summary.fetches))
+        self.planner = Planner(step, schedules, last_step=self.spec.last_step)
+        self.planner.initial_stop()
+        rules = {}
+        if info is not None:
+            manifest = json.loads(ck.store.storage.read_bytes(info.prefix + MANIFEST_SUFFIX))
+            rules = manifest.get("rules", {})
+        for action in self.planner.tick(step, self.planner.min_margin):
+            if action.every and action.kind in rules:
+                base, every = rules[action.kind]
+                self._rules[action.kind] = Action(base, action.kind, action.fetches, every)
+            elif action.every:
+                self._rules[action.kind] = action
+        if info is not None:
+            self.committed.append(info.step)
+            self._last_checkpoint_step = info.step
+            self._before_saved.update(s for s in range(max(0, step - 1), step + 1))
+            self.session.latest_checkpoint = info.url
+            self._dispatch_after_save(info.step)
+        self._recovered = True
 
     def _cancel(self, step: int, why: str) -> None:
         if self._announced.pop(step * 2, None) is not None or self._expects_checkpoint(step):

@@ -180,7 +180,10 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
         raise TimeoutError("could not reserve %d workers with %s each (strategy %s) within %ss; the "
                            "cluster has %s" % (num_workers, resources, placement_strategy, placement_timeout_s,
                                                ray.cluster_resources()))
-    chief = ChiefActor.remote(spec, num_workers, report_interval)
+    # A chief that dies is restarted by Ray and rebuilds itself from storage; calls in
+    # flight to it (reports, the end of a worker's loop) are retried on the new one.
+    chief = ChiefActor.options(max_restarts=max(1, max_failures), max_task_retries=-1).remote(
+        spec, num_workers, report_interval, ["rayhooks-%s-worker-%d" % (name, i) for i in range(num_workers)])
     workers = []
     options = {k.lower(): v for k, v in resources.items() if k in ("CPU", "GPU")}
     custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
@@ -236,5 +239,5 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
         return _result(summary, ray.get(refs))
     finally:
         stop_workers()
-        ray.kill(chief)
+        ray.kill(chief, no_restart=True)
         remove_placement_group(pg)

@@ -14,12 +14,17 @@ import ray
 
 
 class _ChiefActor:
-    def __init__(self, spec, num_workers, report_latency):
+    def __init__(self, spec, num_workers, report_latency, worker_names=()):
         from rayhooks.chief import Chief
+        self._names = list(worker_names)
         self._workers = []
         self.chief = Chief(spec, num_workers, self._send, report_latency=report_latency)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.chief.recover()  # Ray restarted this actor: rebuild from storage (I3 holds across it)
 
     def _send(self, index, update):
+        if not self._workers:  # a restarted chief finds the workers by name
+            self._workers = [ray.get_actor(name) for name in self._names]
         self._workers[index].receive.remote(update)
 
     def connect(self, workers):

@@ -130,3 +130,42 @@ def test_ray_worker_actor_killed_mid_run_recovers(ray_session, tmp_path):
     for info in store.committed():
         assert store.verify(info) == []
         assert float(store.reader(info).read_tensors()["w"][0]) == info.step
+
+
+class CrashChiefOnce(rh.CheckpointSaverListener):
+    """Records each after_save in a file, and at `at_step` kills the chief's process the first time.
+
+    The file lives outside the chief, whose memory dies with it; os._exit is a real crash
+    (no cleanup), in the middle of dispatching after_save.
+    """
+
+    def __init__(self, log_path, at_step):
+        self.log_path, self.at_step = log_path, at_step
+
+    def after_save(self, session, step):
+        with open(self.log_path, "a") as f:
+            f.write("%d\n" % step)
+        crashed = self.log_path + ".crashed"
+        if step == self.at_step and not os.path.exists(crashed):
+            open(crashed, "w").close()
+            os._exit(1)
+
+
+def test_ray_chief_killed_mid_run_restarts_and_never_repeats_after_save(ray_session, tmp_path):
+    import ray
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ckpt, log = str(tmp_path / "ckpt"), str(tmp_path / "after_save.log")
+    result = rh.launch(_slow_train, 2, backend="ray", tf_config=False,
+                       chief_only_hooks=[rh.AsyncCheckpointSaverHook(
+                           ckpt, save_steps=20, in_flight="wait", listeners=[CrashChiefOnce(log, 40)])],
+                       hooks=[rh.StopAtStepHook(last_step=160)])
+    assert os.path.exists(log + ".crashed")
+    seen = [int(line) for line in open(log).read().split()]
+    assert len(seen) == len(set(seen)), seen  # I3: never twice for the same step, across the restart
+    assert 40 in seen and seen[-1] == 160
+    assert [r[0] for r in result.worker_results] == [160, 160]
+    store = rh.CheckpointStore(rh.Storage(ckpt))
+    assert store.latest().step == 160
+    for info in store.committed():
+        assert store.verify(info) == []
+        assert float(store.reader(info).read_tensors()["w"][0]) == info.step
