@@ -63,6 +63,8 @@ class Chief:
         self._cancelled = set()  # planned steps a writer skipped: the final save must not count on them
         self._final_saves = set()  # final saves announced by a worker's end, which the other writers owe too
         self.recoveries = 0
+        self.preemptions = 0
+        self._preempted_run = False
         self.planner = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -126,6 +128,7 @@ class Chief:
         self._rates.clear()
         for schedule in self.planner.schedules:
             schedule.pending = None
+        self.planner.stop_step = self.spec.last_step  # an emergency stop belonged to the old group
 
     def _rules_after(self, committed: Optional[int]) -> List[Action]:
         """Each step rule, restarted after the latest committed step: a committed checkpoint is never rewritten."""
@@ -170,7 +173,7 @@ class Chief:
     # -- reports --------------------------------------------------------------
 
     def report(self, worker: int, step: int, now: float, outputs: dict, shards: list, metrics: dict,
-               stop_requested: bool = False, skipped: tuple = ()) -> None:
+               stop_requested: bool = False, skipped: tuple = (), preempted: bool = False) -> None:
         """Progress from one worker. Called without the worker waiting for it."""
         previous = self._last_seen.get(worker)
         if previous is not None and now > previous[1] and step > previous[0]:
@@ -195,7 +198,28 @@ class Chief:
         stop = None
         if stop_requested:
             stop = self.planner.request_stop(max(self.progress.values()), self._margin())
+        if preempted:
+            stop = self._emergency_checkpoint(worker)
         self._tick(stop)
+
+    def _emergency_checkpoint(self, worker: int) -> int:
+        """A worker is being preempted: every worker saves and stops at the first step all can reach."""
+        step = self.planner.request_stop(max(self.progress.values()), self._margin())
+        logger.warning("[step=%d] worker %d is being preempted: emergency checkpoint and stop at step %d",
+                       step, worker, step)
+        self.preemptions += 1
+        self._preempted_run = True
+        if self.spec.checkpoint is not None and not self._expects_checkpoint(step):
+            action = Action(step, CHECKPOINT)
+            self._announce([action])
+            self._broadcast([action], step)
+        return step
+
+    def needs_restart(self) -> bool:
+        """True when this pass stopped early for a preemption: the driver restarts the workers."""
+        preempted, self._preempted_run = self._preempted_run, False
+        last = self.spec.last_step
+        return preempted and (last is None or max(self._ended.values(), default=0) < last)
 
     def _margin(self) -> int:
         rate = max(self._rates.values()) if self._rates else 0.0
@@ -384,6 +408,6 @@ class Chief:
         if self.spec.checkpoint is not None:
             SummaryWriterCache.get(self.spec.checkpoint.store.url).flush()
         return {"last_step": last_step, "committed": list(self.committed), "metrics": dict(self._metrics),
-                "recoveries": self.recoveries,
+                "recoveries": self.recoveries, "preemptions": self.preemptions,
                 "skipped_saves": self.skipped_saves,
                 "latest_checkpoint": self.session.latest_checkpoint}

@@ -224,6 +224,12 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                     failure = (getattr(cause, "worker_index", refs.index(done[0])), cause)
                     break
             if failure is None:
+                if ray.get(chief.call.remote("needs_restart")) and failures < max_failures:
+                    failures += 1  # preempted: resume on a fresh worker group from the emergency save
+                    stop_workers()
+                    ray.get(chief.call.remote("workers_lost", "a worker was preempted (SIGTERM)"))
+                    start = _latest_step(spec)
+                    continue
                 break
             index, cause = failure
             stop_workers()

@@ -7,6 +7,7 @@ worker's loop waits for an answer.
 """
 
 import os
+import signal
 import socket
 import traceback
 
@@ -55,6 +56,12 @@ class _WorkerActor:
     def __init__(self, index, num_workers, spec, hooks, chief, report_interval):
         from rayhooks.worker import WorkerContext
         self.context = WorkerContext(index, num_workers, spec, _RayTransport(chief), hooks, report_interval)
+        # Preemption (a node being drained, a spot VM reclaimed) arrives as SIGTERM. The
+        # actor's constructor runs on the process's main thread, the only one that may set it.
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.context.agent.preempt())
+
+    def pid(self):
+        return os.getpid()
 
     def node_address(self):
         """This worker's node IP and a port free on it, for TF_CONFIG."""

@@ -55,12 +55,20 @@ class WorkerAgent(SessionRunHook):
         self._skipped = []
         self._stop_requested = False
         self._aborted = False
+        self._preempted = False
+        self._preemption_reported = False
         ck = spec.checkpoint
         self.writes = ck is not None and (worker_index == 0 or ck.all_workers_write)
         self._writer = None
         if self.writes:
             self._writer = BackgroundWriter("checkpoint shard of worker %d" % worker_index,
                                             ck.max_in_flight, ck.max_in_flight_bytes)
+
+    def preempt(self) -> None:
+        """Called from a SIGTERM handler: only flags, acted on at the next step boundary."""
+        self._preempted = True
+        self._next_report = 0.0
+        self._next_step = 0
 
     def abort(self) -> None:
         """Stops this worker at its next step, with no final save: a peer failed."""
@@ -94,6 +102,10 @@ class WorkerAgent(SessionRunHook):
             if self._aborted:
                 run_context.request_stop()
                 return
+            if self._preempted and not self._preemption_reported:
+                self._preemption_reported = True
+                logger.warning("[step=%d] SIGTERM: asking the chief for an emergency checkpoint", step)
+                self.flush_report(step, preempted=True)
             self._run_due(step, session)
             if step >= self._stop_step:
                 run_context.request_stop()
@@ -159,14 +171,14 @@ class WorkerAgent(SessionRunHook):
                 writer.raise_if_failed()
                 raise
 
-    def flush_report(self, step, wait=False) -> None:
+    def flush_report(self, step, wait=False, preempted=False) -> None:
         with self._lock:
             shards, self._shards = self._shards, []
         outputs, self._outputs = self._outputs, {}
         skipped, self._skipped = self._skipped, []
         stop, self._stop_requested = self._stop_requested, False
         metrics = _scalar_metrics(self._session.outputs) if self.worker_index == 0 else {}
-        args = (self.worker_index, step, time.time(), outputs, shards, metrics, stop, tuple(skipped))
+        args = (self.worker_index, step, time.time(), outputs, shards, metrics, stop, tuple(skipped), preempted)
         if wait:
             self._transport.report_and_wait(*args)
         else:

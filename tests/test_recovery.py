@@ -169,3 +169,40 @@ def test_ray_chief_killed_mid_run_restarts_and_never_repeats_after_save(ray_sess
     for info in store.committed():
         assert store.verify(info) == []
         assert float(store.reader(info).read_tensors()["w"][0]) == info.step
+
+
+class PreemptWorkerOnce(rh.CheckpointSaverListener):
+    """On the chief: after `at_step` commits, sends SIGTERM to worker 1's process (a preemption)."""
+
+    def __init__(self, run_name, at_step, saved):
+        self.run_name, self.at_step, self.saved, self.sent = run_name, at_step, saved, False
+
+    def after_save(self, session, step):
+        with open(self.saved, "a") as f:
+            f.write("%d\n" % step)
+        if step == self.at_step and not self.sent:
+            import ray
+            import signal
+            self.sent = True
+            pid = ray.get(ray.get_actor("rayhooks-%s-worker-1" % self.run_name).pid.remote())
+            os.kill(pid, signal.SIGTERM)
+
+
+def test_ray_worker_sigterm_saves_an_emergency_checkpoint_and_resumes(ray_session, tmp_path):
+    import ray
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ckpt, saved = str(tmp_path / "ckpt"), str(tmp_path / "saved.log")
+    result = rh.launch(_slow_train, 2, backend="ray", max_failures=1, name="sigterm", tf_config=False,
+                       chief_only_hooks=[rh.CheckpointSaverHook(
+                           ckpt, save_steps=50, listeners=[PreemptWorkerOnce("sigterm", 50, saved)])],
+                       hooks=[rh.StopAtStepHook(last_step=200)])
+    steps = [int(s) for s in open(saved).read().split()]
+    emergency = [s for s in steps if s % 50]
+    assert len(emergency) == 1, steps  # one save off the schedule: the emergency checkpoint
+    assert 50 < emergency[0] < 100
+    assert [r[0] for r in result.worker_results] == [200, 200]
+    assert [r[1] for r in result.worker_results] == [200.0, 200.0]
+    store = rh.CheckpointStore(rh.Storage(ckpt))
+    assert store.latest().step == 200
+    info = store.get(emergency[0])
+    assert store.verify(info) == [] and float(store.reader(info).read_tensors()["w"][0]) == emergency[0]
