@@ -109,6 +109,7 @@ class CheckpointSaverHook(SessionRunHook):
     def begin(self):
         self._install_signal_handlers()
         self.store.storage.check_writable()
+        self.store.refuse_foreign()
         self._writer = self._new_writer()
         self._summary_writer = SummaryWriterCache.get(self._checkpoint_dir, self.store.storage.storage_options)
         for listener in self._listeners:

@@ -150,6 +150,26 @@ class CheckpointStore:
             self.storage.delete(sorted(info.files) + [info.prefix + LISTENERS_SUFFIX])
         self.collect_partials()
 
+    def refuse_foreign(self) -> None:
+        """Raises if the directory holds TF checkpoints that rayhooks did not write.
+
+        rayhooks would otherwise ignore them (they have no manifest) and, at its
+        first commit, rewrite the `checkpoint` state file that names them.
+        """
+        if self.committed():
+            return
+        state = self._read_state()
+        if state is None:
+            return
+        theirs = [p for p in state.all_model_checkpoint_paths or [state.model_checkpoint_path]
+                  if self.storage.exists(bundle.index_filename(p))]
+        if theirs:
+            raise FileExistsError(
+                "%s holds TF checkpoints that rayhooks did not write (latest: %s) and that it would "
+                "not touch; train into a new checkpoint_dir, and start from the old weights with "
+                "tf.train.Checkpoint(...).restore(tf.train.latest_checkpoint(%r)) before training"
+                % (self.url, theirs[-1], self.url))
+
     def mark_listeners_started(self, step: int) -> None:
         """Records that after_save(step) is being dispatched, before it runs (at most once, I3)."""
         self.storage.write_bytes(self.prefix_for(step) + LISTENERS_SUFFIX, b"")

@@ -77,6 +77,7 @@ class Chief:
         latest = None
         if ck is not None:
             ck.store.storage.check_writable()
+            ck.store.refuse_foreign()
             for listener in ck.listeners:
                 listener.begin()
             info = ck.store.latest()

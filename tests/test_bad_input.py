@@ -1,0 +1,63 @@
+"""Bad input gets one clear error naming the URL and the fix, and nothing committed is touched."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rayhooks as rh
+
+
+def _run(url, last_step, state, **kwargs):
+    def step():
+        state["w"] += 1
+    with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=2, save_summaries_steps=None,
+                                     log_step_count_steps=None, hooks=[rh.StopAtStepHook(last_step=last_step)],
+                                     state=state, **kwargs) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    return sess
+
+
+def test_a_checkpoint_dir_written_by_plain_tf_is_refused_and_left_untouched(tmp_path):
+    url = str(tmp_path / "theirs")
+    v = tf.Variable([1.0, 2.0])
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=v), url, max_to_keep=3)
+    manager.save(checkpoint_number=100)
+    before = {name: (tmp_path / "theirs" / name).read_bytes() for name in os.listdir(url)}
+    with pytest.raises(FileExistsError) as error:
+        _run(url, 4, {"w": np.zeros(2, np.float32)})
+    message = str(error.value)
+    assert url in message and "ckpt-100" in message and "new checkpoint_dir" in message
+    after = {name: (tmp_path / "theirs" / name).read_bytes() for name in os.listdir(url)}
+    assert after == before
+    assert tf.train.latest_checkpoint(url).endswith("ckpt-100")
+
+
+def test_a_malformed_state_file_is_reported_and_replaced_without_losing_checkpoints(tmp_path, caplog):
+    url = str(tmp_path / "run")
+    state = {"w": np.zeros(2, np.float32)}
+    _run(url, 4, state)
+    (tmp_path / "run" / "checkpoint").write_text("this is { not a checkpoint state\n")
+    state["w"][:] = -1
+    sess = _run(url, 6, state)
+    assert sess.global_step == 6 and state["w"][0] == 6  # resumed from step 4: manifests, not the state file
+    assert "malformed checkpoint state" in caplog.text and url in caplog.text
+    assert tf.train.latest_checkpoint(url).endswith("model.ckpt-6")
+    assert [i.step for i in rh.CheckpointStore(rh.Storage(url)).committed()] == [0, 2, 4, 6]
+
+
+def test_an_unknown_protocol_is_one_clear_error():
+    with pytest.raises(ValueError) as error:
+        _run("nosuchfs://bucket/run", 2, {"w": np.zeros(2, np.float32)})
+    assert "nosuchfs://bucket/run" in str(error.value) and "gs://" in str(error.value)
+
+
+def test_a_missing_directory_in_the_cli_exits_2(tmp_path, capsys):
+    from rayhooks.cli import main
+    assert main(["ls", str(tmp_path / "nothing-here")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "nothing-here" in err
