@@ -58,9 +58,36 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
+    plot = _plot(targets, os.path.splitext(out)[0] + ".png")
     print("\n".join(["## Targets", ""] + ["- " + t.line() for t in targets]))
+    if plot:
+        print("Plot written to %s." % plot)
     print("\nResults written to %s (%.0f s)." % (out, elapsed))
     return 0
+
+
+def _plot(targets, path):
+    """One bar per target: measured / limit, so bars left of the line at 1.0 met their target."""
+    scored = [t for t in targets if t.score is not None]
+    if not scored:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(scored) + 1.5))
+    names = [t.name if len(t.name) < 90 else t.name[:87] + "..." for t in scored]
+    ax.barh(range(len(scored)), [t.score for t in scored],
+            color=["#2e7d32" if t.met else "#c62828" for t in scored])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(scored)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("measured / target limit (log scale; < 1 is MET, green)")
+    ax.set_title("rayhooks benchmarks: every target, as a ratio measured in one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

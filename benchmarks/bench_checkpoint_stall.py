@@ -473,7 +473,7 @@ def _report(results, memory, sizes):
                                   "%s of the copy (paired, %d saves; stall %s ms, copy %s ms)" % (
                                       fmt_ratio(xcopy[method]), len(r["stalls"]), _ms(stats[method]),
                                       _ms(Stat.of(r["anchors"]).scaled(1e3))),
-                                  xcopy[method] <= COPY_TARGET))
+                                  xcopy[method] <= COPY_TARGET, xcopy[method] / COPY_TARGET))
             raw, normalised = vs_tf1(method)
             if raw is not None:
                 targets.append(Target(
@@ -482,7 +482,7 @@ def _report(results, memory, sizes):
                     "(TF1 %s of the copy, this %s)" % (fmt_ratio(raw), _ms(tf1), _ms(stats[method]),
                                                        fmt_ratio(normalised), fmt_ratio(xcopy["tf1_hook"]),
                                                        fmt_ratio(xcopy[method])),
-                    raw >= TF1_TARGET))
+                    raw >= TF1_TARGET, TF1_TARGET / raw if raw else None))
     extra = []
     if memory is not None:
         delta = memory["peak_rss"] - memory["baseline_rss"]
@@ -496,7 +496,7 @@ def _report(results, memory, sizes):
         targets.append(Target("%s async save: peak RSS over the pre-state baseline <= state x (1 + %d in flight) + "
                               "200 MB" % (fmt_mb(memory["nbytes"]), memory["max_in_flight"]),
                               "%s vs bound %s (%.2f of it)" % (fmt_mb(delta), fmt_mb(bound), delta / bound),
-                              delta <= bound))
+                              delta <= bound, delta / bound))
     notes += [
         "Stall of a hook = wall time of the run() that triggers the save minus the median run() of a "
         "non-trigger step just before it; TF2 rows time the write() call (the async one is followed, untimed, "

@@ -228,6 +228,7 @@ class Target:
     name: str
     measured: str
     met: bool
+    score: Optional[float] = None  # measured / limit, so 1.0 is the line between MET and MISSED (for the plot)
 
     def line(self) -> str:
         return "%s — %s: %s" % ("MET" if self.met else "MISSED", self.name, self.measured)

@@ -137,6 +137,8 @@ class CheckpointSaverHook(SessionRunHook):
         self._due = 0
 
     def _restore_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may; a session closed elsewhere leaves ours in place
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers = {}
@@ -185,9 +187,23 @@ class CheckpointSaverHook(SessionRunHook):
 
     def after_create_session(self, session, coord):
         step = session.global_step
-        self._save(session, step)
+        committed = self.store.get(step) if session.latest_checkpoint else None
+        if committed is not None:
+            # The session just restored this very checkpoint. TF1 saved it again; rayhooks
+            # never rewrites a committed checkpoint (TF restores lazily created variables,
+            # such as optimizer slots, from those files later), so it only replays the
+            # listener calls TF1 makes here.
+            self._replay_save(session, step, committed)
+        else:
+            self._save(session, step)
         self._timer.update_last_triggered_step(step)
         self._due = 0  # the first run still writes the graph
+
+    def _replay_save(self, session, step, info):
+        for listener in self._listeners:
+            listener.before_save(session, step)
+        self._last_checkpoint_step = step
+        return self._after_commit(session, step, info)
 
     def after_run(self, run_context, run_values):
         step = run_context.session.global_step

@@ -19,7 +19,9 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -324,6 +326,16 @@ class CheckpointReader:
         with self.storage.open_read(bundle.data_filename(self.prefix)) as data:
             return bundle.read_bundle(index, data, keys=keys)
 
+    def local_copy(self) -> "LocalCopy":
+        """A local prefix TF can read, kept until the returned object is garbage collected."""
+        names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
+        if self.storage.is_local:
+            return LocalCopy("%s/%s" % (self.storage.local_root, self.prefix), None)
+        tmp = tempfile.TemporaryDirectory(prefix="rayhooks-restore-")
+        for name in names:
+            self.storage.get_to_local(name, os.path.join(tmp.name, name))
+        return LocalCopy("%s/%s" % (tmp.name, self.prefix), tmp)
+
     @contextlib.contextmanager
     def local_prefix(self):
         """A local path prefix TF can read (downloads first for a remote URL)."""
@@ -331,6 +343,12 @@ class CheckpointReader:
         names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
         with staged_locally(self.storage, names) as local_dir:
             yield "%s/%s" % (local_dir, self.prefix)
+
+
+@dataclasses.dataclass
+class LocalCopy:
+    prefix: str
+    directory: object  # a TemporaryDirectory for a downloaded copy (deleted with this object), or None
 
 
 def _check_files(files) -> None:

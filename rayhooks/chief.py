@@ -63,6 +63,9 @@ class Chief:
         self._cancelled = set()  # planned steps a writer skipped: the final save must not count on them
         self._final_saves = set()  # final saves announced by a worker's end, which the other writers owe too
         self.recoveries = 0
+        self._furthest = 0
+        self._max_rate = 0.0
+        self._rate_scan_at = 0.0
         self.preemptions = 0
         self._preempted_run = False
         self.planner = None
@@ -84,7 +87,8 @@ class Chief:
             latest = info.step if info else None
             self.session.latest_checkpoint = info.url if info else None
         if self.spec.summary is not None:
-            self._summary_writer = SummaryWriterCache.get(self.spec.summary.output_dir)
+            self._summary_writer = SummaryWriterCache.get(self.spec.summary.output_dir,
+                                                          self.spec.summary.storage_options)
         return latest
 
     def workers_created(self, start_step: int) -> dict:
@@ -92,6 +96,7 @@ class Chief:
         self.session.global_step = start_step
         self._replayed = start_step
         self.progress = {i: start_step for i in range(self.num_workers)}
+        self._furthest = max(self._furthest, start_step)
         schedules = []
         if self.spec.checkpoint is not None:
             schedules.append(Schedule(CHECKPOINT, self.spec.checkpoint.timer))
@@ -110,7 +115,15 @@ class Chief:
             return {"actions": self._rules_after(None if latest is None else latest.step),
                     "stop_step": self.planner.stop_step}
         stop = self.planner.initial_stop()
-        actions = self._announce(self.planner.tick(start_step, self.planner.min_margin))
+        actions = self.planner.tick(start_step, self.planner.min_margin)
+        if self.session.latest_checkpoint is not None:
+            # The workers restore `start_step`'s checkpoint: it is not written again (TF
+            # restores lazily created variables from its files later), and its after_save
+            # ran in the run that committed it (I3). The rule resumes one period later.
+            actions = [Action(a.step + a.every, a.kind, a.fetches, a.every)
+                       if a.kind == CHECKPOINT and a.every and a.step == start_step else a for a in actions]
+            self._last_checkpoint_step = start_step
+        actions = self._announce(actions)
         return {"actions": actions, "stop_step": stop}
 
     def workers_lost(self, why: str) -> None:
@@ -178,9 +191,11 @@ class Chief:
         """Progress from one worker. Called without the worker waiting for it."""
         previous = self._last_seen.get(worker)
         if previous is not None and now > previous[1] and step > previous[0]:
-            self._rates[worker] = (step - previous[0]) / (now - previous[1])
+            rate = self._rates[worker] = (step - previous[0]) / (now - previous[1])
+            self._max_rate = max(self._max_rate, rate)
         self._last_seen[worker] = (step, now)
         self.progress[worker] = max(self.progress.get(worker, 0), step)
+        self._furthest = max(self._furthest, step)
         if worker == 0:
             self._metrics = metrics or self._metrics
             for s, values in sorted(outputs.items()):
@@ -223,16 +238,22 @@ class Chief:
         return preempted and (last is None or max(self._ended.values(), default=0) < last)
 
     def _margin(self) -> int:
-        rate = max(self._rates.values()) if self._rates else 0.0
-        return self.planner.margin(rate, self._latency)
+        # The fastest worker's rate, refreshed when a report raises it (cheap) or once per
+        # report interval (a full scan): a chief with 1024 workers must not scan per report.
+        now = self._clock()
+        if now >= self._rate_scan_at:
+            self._max_rate = max(self._rates.values()) if self._rates else 0.0
+            self._rate_scan_at = now + self._latency
+        return self.planner.margin(self._max_rate, self._latency)
 
     def _tick(self, stop=None):
-        furthest = max(self.progress.values())
+        furthest = self._furthest
         for key, action in list(self._announced.items()):
             if action.kind == SUMMARY and furthest > action.step:
                 self.planner.done(action)
                 del self._announced[key]
-        actions = self._announce(self.planner.tick(furthest, self._margin()))
+        margin = self._margin() if self._rates else None  # no rate yet: a margin would be a guess
+        actions = self._announce(self.planner.tick(furthest, margin))
         self._broadcast(actions, stop)
 
     def _replay(self, step: int) -> None:
@@ -240,6 +261,10 @@ class Chief:
         hooks = self.spec.hooks
         if self._replayed is None:  # a restarted chief: the steps before it came back are not replayed
             self._replayed = step
+        if not self.spec.hooks:  # nothing to run per step: no per-step work either
+            self._replayed = max(self._replayed, step)
+            self.session.global_step = max(self.session.global_step, step)
+            return
         while self._replayed < step:
             stale = self._replayed
             context = SessionRunContext(SessionRunArgs(None), self.session)
@@ -329,6 +354,7 @@ class Chief:
                        info.url if info is not None else "nothing committed")
         self.session.global_step = step
         self.progress = {i: step for i in range(self.num_workers)}
+        self._furthest = step
         schedules = []
         if ck is not None:
             schedules.append(Schedule(CHECKPOINT, ck.timer))

@@ -57,8 +57,8 @@ class Schedule:
             self.timer.update_last_triggered_step(step)
             self.pending = step
             return Action(step, self.kind, self.fetches, self.timer.every_steps)
-        if self.timer.every_steps is not None:
-            return None
+        if self.timer.every_steps is not None or margin is None:
+            return None  # a seconds schedule waits until the workers' speed is known
         if self.timer.should_trigger_for_step(furthest + margin):
             step = furthest + margin
         else:

@@ -176,8 +176,10 @@ class TrackableSaver:
         return Snapshot(tensors, nbytes, lambda: [self._pool.give(k, v) for k, v in taken.items()])
 
     def restore(self, checkpoint) -> None:
-        with checkpoint.local_prefix() as prefix:
-            self.checkpoint.restore(prefix).expect_partial()
+        # TF restores some variables later, when they are created (optimizer slots on the
+        # first step), from the same files: a downloaded copy must outlive this call.
+        self._staged = checkpoint.local_copy()
+        self.checkpoint.restore(self._staged.prefix).expect_partial()
 
 
 def as_saver(state):

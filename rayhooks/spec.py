@@ -32,6 +32,7 @@ class SummarySpec:
     output_dir: str
     timer: SecondOrStepTimer
     fetches: Tuple[str, ...]
+    storage_options: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ def build_spec(chief_hooks: List, all_workers_write: bool = False) -> RunSpec:
             if not all(isinstance(op, str) for op in ops):
                 raise ValueError("under launch, summary_op must name step outputs (strings): the values "
                                  "are fetched on worker 0 and written by the chief; got %r" % (ops,))
-            summary = SummarySpec(hook._output_dir, hook._timer, tuple(ops))
+            summary = SummarySpec(hook._output_dir, hook._timer, tuple(ops), hook._storage_options)
         elif isinstance(hook, StopAtStepHook):
             if hook._last_step is None:
                 raise ValueError("under launch, give StopAtStepHook(last_step=...): num_steps depends on "

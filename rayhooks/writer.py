@@ -122,7 +122,9 @@ class BackgroundWriter:
 def background_error(what: str, step: int, exc: BaseException) -> BaseException:
     """An exception of the same builtin kind, saying which step failed and that nothing was committed."""
     msg = "[step=%d] %s failed, so step %d was not committed: %s" % (step, what, step, exc)
-    for kind in (FileNotFoundError, PermissionError, TimeoutError, ConnectionError, OSError, ValueError):
-        if isinstance(exc, kind):
-            return kind(msg)
+    if type(exc).__module__ == "builtins":
+        try:
+            return type(exc)(msg)  # the same builtin kind: a data error stays a TypeError, not I/O
+        except TypeError:
+            pass
     return RuntimeError(msg)

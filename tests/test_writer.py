@@ -135,7 +135,7 @@ def test_error_is_raised_at_close():
     writer = BackgroundWriter("save")
     assert writer.admit(1, wait=False)
     writer.submit(2, 1, lambda: 1 / 0)
-    with pytest.raises(RuntimeError, match=r"\[step=2\] save failed.*division by zero"):
+    with pytest.raises(ZeroDivisionError, match=r"\[step=2\] save failed.*division by zero"):
         writer.close()
     writer.close()  # the error was reported already
 
