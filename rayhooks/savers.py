@@ -149,6 +149,12 @@ class TrackableSaver:
     def snapshot(self) -> Snapshot:
         saver = self.checkpoint._saver  # TF keeps the gather step private; it is stable since TF 2.10
         from tensorflow.python.training.saving.saveable_object import SaveSpec
+        # Like tf.train.Checkpoint.save (a numbered checkpoint): count the save in
+        # `save_counter`, so plain TF's restore(...).assert_existing_objects_matched() holds.
+        create_counter = getattr(self.checkpoint, "_maybe_create_save_counter", None)
+        if create_counter is not None:
+            create_counter()
+            self.checkpoint.save_counter.assign_add(1)
         serialized, _, registered, _ = saver._gather_serialized_tensors(None)
         if registered:
             raise ValueError("state uses TF registered savers (%s), which rayhooks cannot snapshot; "
