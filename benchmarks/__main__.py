@@ -74,8 +74,9 @@ def _plot(targets, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(scored) + 1.5))
-    names = [t.name if len(t.name) < 90 else t.name[:87] + "..." for t in scored]
+    import textwrap
+    fig, ax = plt.subplots(figsize=(13, 0.6 * len(scored) + 1.5))
+    names = ["\n".join(textwrap.wrap(t.name, 70)) for t in scored]
     ax.barh(range(len(scored)), [t.score for t in scored],
             color=["#2e7d32" if t.met else "#c62828" for t in scored])
     ax.axvline(1.0, color="black", linewidth=1)
@@ -83,8 +84,8 @@ def _plot(targets, path):
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("measured / target limit (log scale; < 1 is MET, green)")
-    ax.set_title("rayhooks benchmarks: every target, as a ratio measured in one run")
-    fig.tight_layout()
+    ax.set_title("rayhooks: each target as measured / limit, in one run")
+    fig.subplots_adjust(left=0.42, right=0.98)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -190,7 +190,7 @@ def run(quick=False, tiny=False, with_profile=None):
             % (TARGET_WORKERS, REPORTS_PER_SEC, TARGET_RATE, 100 * TARGET_CPU_FRACTION),
             "%.0f reports/s achieved (wall), core fraction %.3f by CPU time, %.3f by wall time"
             % (s["reports_per_sec"]["median"], s["cpu_fraction"], s["wall_fraction"]),
-            s["cpu_fraction"] < TARGET_CPU_FRACTION))
+            s["cpu_fraction"] < TARGET_CPU_FRACTION, s["cpu_fraction"] / TARGET_CPU_FRACTION))
     notes = [
         "Chief built directly (no Ray): AsyncCheckpointSaverHook(save_steps=1000) + "
         "SummarySaverHook(save_steps=100, summary_op=['loss']); each worker advances %d steps per report, "
