@@ -32,8 +32,40 @@ _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, e
                      errno.ETIMEDOUT, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
 
 
+def _credentials_help(url: str, exc: BaseException) -> str:
+    if url.startswith(("gs://", "gcs://")):
+        fix = ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+               "`gcloud auth application-default login`, or pass storage_options={'token': '/path/key.json'}")
+    elif url.startswith(("s3://", "s3a://")):
+        fix = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or pass "
+               "storage_options={'key': ..., 'secret': ...}")
+    else:
+        fix = "pass the store's credentials in storage_options"
+    return "no usable credentials (%s); %s. Nothing was written." % (exc, fix)
+
+
+# gcsfs `token=` values that name a method rather than a key file.
+_GCS_TOKEN_METHODS = {"google_default", "cache", "anon", "browser", "cloud"}
+
+
+def is_credentials_error(exc: BaseException) -> bool:
+    """True when the store refused us for want of credentials, which no retry cures."""
+    for module, names in (("google.auth.exceptions", ("DefaultCredentialsError", "RefreshError")),
+                          ("botocore.exceptions", ("NoCredentialsError", "PartialCredentialsError"))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        if isinstance(exc, tuple(getattr(mod, n) for n in names if hasattr(mod, n))):
+            return True
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    return code == 401
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors a retry can cure: server-side 5xx, throttling, dropped connections."""
+    if is_credentials_error(exc):
+        return False
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
                         NotADirectoryError, FileExistsError, ValueError, TypeError)):
         return False
@@ -112,18 +144,26 @@ class Storage:
     @property
     def fs(self):
         if self._fs is None:
+            _check_token_file(self.url, self.storage_options)
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-            except ValueError as e:
-                raise ValueError("%s: %s. Use a URL such as gs://bucket/dir, s3://bucket/dir, "
-                                 "memory://dir, file:///dir or a local path, and install the "
-                                 "fsspec implementation for its protocol." % (self.url, e)) from e
-            except ImportError as e:
-                raise ImportError("%s: the fsspec implementation for this protocol is not installed "
-                                  "(%s); pip install it (gcsfs for gs://, s3fs for s3://)."
-                                  % (self.url, e)) from e
+            except Exception as e:
+                if is_credentials_error(e):
+                    raise PermissionError("%s: %s" % (self.url, _credentials_help(self.url, e))) from e
+                if not isinstance(e, (ValueError, ImportError)):
+                    raise
+                self._url_to_fs_error(e)
             self._root = self._root.rstrip("/") or self._root
         return self._fs
+
+    def _url_to_fs_error(self, e):
+        if isinstance(e, ValueError):
+            raise ValueError("%s: %s. Use a URL such as gs://bucket/dir, s3://bucket/dir, "
+                             "memory://dir, file:///dir or a local path, and install the "
+                             "fsspec implementation for its protocol." % (self.url, e)) from e
+        raise ImportError("%s: the fsspec implementation for this protocol is not installed "
+                          "(%s); pip install it (gcsfs for gs://, s3fs for s3://)."
+                          % (self.url, e)) from e
 
     @property
     def is_local(self) -> bool:
@@ -257,6 +297,7 @@ class Storage:
         once rather than minutes later in a background thread.
         """
         probe = ".rayhooks-probe-%s" % uuid.uuid4().hex[:12]
+        self.fs  # noqa: B018 -- a missing-credentials error already says what to do; raise it as is
         try:
             self.makedirs()
             self.write_bytes(probe, b"ok")
@@ -276,8 +317,20 @@ def _protocols(fs) -> tuple:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
+def _check_token_file(url: str, storage_options: dict) -> None:
+    """A gcsfs `token` that names a missing key file: say so, rather than let gcsfs send the path as a token."""
+    token = storage_options.get("token")
+    if (isinstance(token, str) and token not in _GCS_TOKEN_METHODS
+            and (token.endswith(".json") or os.sep in token) and not os.path.exists(token)):
+        raise FileNotFoundError("%s: the credentials file storage_options['token']=%r does not exist; "
+                                "pass the path of a service-account key file, or 'google_default'."
+                                % (url, token))
+
+
 def _with_url(exc: BaseException, what: str, url: str, attempts: int) -> BaseException:
     """The same kind of exception, with the URL and attempt count in its message."""
+    if is_credentials_error(exc):
+        return PermissionError("%s %s: %s" % (what, url, _credentials_help(url, exc)))
     msg = "%s %s failed after %d attempt(s): %s" % (what, url, attempts, exc)
     if url in str(exc):
         msg = "%s failed after %d attempt(s): %s" % (what, attempts, exc)

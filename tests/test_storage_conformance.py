@@ -147,3 +147,63 @@ def test_unknown_protocol_names_the_url():
     with pytest.raises(ValueError, match="nope://bucket/run"):
         rh.MonitoredTrainingSession(checkpoint_dir="nope://bucket/run", save_checkpoint_steps=1,
                                     state={"w": np.zeros(1)})
+
+
+@pytest.fixture
+def no_google_credentials(monkeypatch, tmp_path):
+    """A process with no Application Default Credentials, as on a laptop that never ran gcloud."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud-config"))  # no gcloud login here
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # not on a GCE VM: do not probe its metadata server
+
+
+def _committed_run(gcs, url):
+    state = {"w": np.zeros(2, np.float32)}
+    with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=2, state=state,
+                                     save_summaries_steps=None, log_step_count_steps=None,
+                                     hooks=[rh.StopAtStepHook(last_step=4)],
+                                     storage_options=gcs.options) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+    store = rh.CheckpointStore(rh.Storage(url, storage_options=gcs.options))
+    return store, [(i.step, i.url) for i in store.committed()]
+
+
+def test_missing_credentials_is_one_clear_error_and_leaves_the_run_alone(gcs, no_google_credentials):
+    url = "gs://rayhooks-test/creds-%s" % uuid.uuid4().hex[:8]
+    store, before = _committed_run(gcs, url)
+    assert [step for step, _ in before] == [0, 2, 4]
+    options = dict(gcs.options, token="google_default")  # real google-auth, finding no credentials
+    with pytest.raises(PermissionError) as error:
+        rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=2, state={"w": np.zeros(2)},
+                                    storage_options=options)
+    message = str(error.value)
+    assert url in message and "no usable credentials" in message
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in message and "Nothing was written" in message
+    assert "AWS_" not in message  # the fix for this store, not every store's
+    assert [(i.step, i.url) for i in store.committed()] == before
+    assert all(store.verify(i) == [] for i in store.committed())
+
+
+def test_a_missing_key_file_is_named(gcs, tmp_path):
+    url = "gs://rayhooks-test/keyfile-%s" % uuid.uuid4().hex[:8]
+    key = str(tmp_path / "no-such-key.json")
+    with pytest.raises(FileNotFoundError) as error:
+        rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=2, state={"w": np.zeros(2)},
+                                    storage_options=dict(gcs.options, token=key))
+    assert url in str(error.value) and key in str(error.value)
+
+
+def test_missing_s3_credentials_name_the_aws_fix(monkeypatch, tmp_path):
+    pytest.importorskip("s3fs")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # not on EC2: do not probe its metadata
+    url = "s3://rayhooks-test-%s/run" % uuid.uuid4().hex[:8]
+    with pytest.raises(PermissionError) as error:
+        rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=2, state={"w": np.zeros(2)},
+                                    storage_options={"endpoint_url": "http://127.0.0.1:9"})
+    message = str(error.value)
+    assert url in message and "no usable credentials" in message and "AWS_ACCESS_KEY_ID" in message
