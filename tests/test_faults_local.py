@@ -19,6 +19,7 @@ import pytest
 
 import rayhooks as rh
 from gcs_emulator import GcsEmulator
+from tcp_proxy import HoldingProxy
 
 # gcsfs already retries each request 6 times with backoff (about 30 s when the server is
 # gone), so rayhooks' own retries are turned off here to keep the test short.
@@ -127,6 +128,78 @@ def test_storage_server_stops_mid_run_and_comes_back(restartable_gcs, policy):
         assert store.verify(info) == []
     assert store.get(4) is None
     sess.close()
+
+
+class _HeldUpload:
+    """An async save of a 32 MB state whose step-2 upload is held once 8 MB of it went up.
+
+    A loopback proxy between gcsfs and the server holds the client's bytes, so
+    the server is stopped while the upload is provably in progress; the held
+    bytes then go on to a server that is gone.
+    """
+
+    def __init__(self, gcs):
+        self.gcs = gcs
+        self.proxy = HoldingProxy(gcs.port)
+        options = dict(gcs.options, endpoint_url=self.proxy.endpoint)
+        self.url = "gs://faults/mid-upload-%s" % uuid.uuid4().hex[:8]
+        self.state = {"w": np.zeros(8 << 20, np.float32)}  # several 5 MB chunks of a resumable upload
+        self.hook = rh.AsyncCheckpointSaverHook(self.url, save_steps=2, storage_options=options,
+                                                retry=FAST_RETRY, on_write_error="retry_next_save",
+                                                in_flight="wait")
+        self.sess, self.step = _training(self.url, self.state, self.hook)
+        self.store = rh.CheckpointStore(rh.Storage(self.url, options))
+
+    def stop_server_mid_upload(self):
+        assert self.hook._writer.wait_idle(60)  # the initial save, step 0, is committed
+        self.sess.run(self.step)
+        self.proxy.hold_after(8 << 20)
+        self.sess.run(self.step)  # step 2: snapshot taken, its upload goes on in the background
+        assert self.proxy.held.wait(60), "the step 2 upload never got 8 MB in"
+        self.gcs.stop()
+        self.proxy.release()
+
+    def assert_whole(self, steps):
+        assert self.hook._writer.wait_idle(60)
+        assert [i.step for i in self.store.committed()] == steps
+        for info in self.store.committed():
+            assert self.store.verify(info) == []
+            assert float(self.store.reader(info).read_tensors()["w"][-1]) == info.step
+
+    def close(self):
+        self.sess.close()
+        self.proxy.close()
+
+
+def test_storage_server_restarts_during_an_upload_and_the_upload_completes(restartable_gcs):
+    held = _HeldUpload(restartable_gcs)
+    try:
+        held.stop_server_mid_upload()
+        restartable_gcs.start()  # back with its data: gcsfs resumes the upload where the server has it
+        held.assert_whole([0, 2])
+        assert held.hook.failed_saves == 0
+        held.sess.run(held.step)
+        held.sess.run(held.step)
+        held.assert_whole([0, 2, 4])
+    finally:
+        held.close()
+
+
+def test_storage_server_down_until_the_upload_gives_up(restartable_gcs):
+    held = _HeldUpload(restartable_gcs)
+    try:
+        held.stop_server_mid_upload()
+        assert held.hook._writer.wait_idle(180)  # gcsfs' retries run out: the upload has failed
+        restartable_gcs.start()
+        assert held.store.latest().step == 0  # nothing torn became latest
+        assert held.store.get(2) is None
+        held.sess.run(held.step)
+        held.sess.run(held.step)  # step 4's save reports step 2's failure, counts it, and commits
+        assert held.hook.failed_saves == 1
+        held.assert_whole([0, 4])
+        assert not [n for n in held.store.storage.listdir() if n.startswith("model.ckpt-2.")]
+    finally:
+        held.close()
 
 
 def test_in_flight_snapshots_stay_within_the_byte_budget(restartable_gcs):
