@@ -7,4 +7,4 @@ is a ratio against an anchor measured in the same run on the same machine,
 because the machines these run on are shared and noisy.
 """
 
-BENCHMARKS = ("step_overhead", "checkpoint_stall", "ray", "chief")
+BENCHMARKS = ("step_overhead", "checkpoint_stall", "ray", "chief", "storage", "throughput")

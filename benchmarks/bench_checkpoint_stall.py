@@ -11,7 +11,25 @@ For each state size, one fresh worker process measures every method in turn:
 * `tf1_hook` — TF1's blocking `tf.compat.v1.train.CheckpointSaverHook` in a
   `MonitoredSession`, graph variables of the same sizes;
 * `tf2_write`, `tf2_write_async` — `tf.train.Checkpoint.write`, plain and with
-  `tf.train.CheckpointOptions(enable_async=True)`.
+  `tf.train.CheckpointOptions(enable_async=True)`;
+* `raytrain_sync`, `raytrain_async` (anchors, no target) — Ray Train (v2 API)
+  function trainer with 1 worker: the state is written as 8 `.npy` files into a
+  fresh local directory (Ray Train checkpoints are directories; writing them is
+  the user's job), then `ray.train.report(metrics,
+  checkpoint=Checkpoint.from_directory(d), checkpoint_upload_mode=SYNC | ASYNC)`
+  (`from ray.train import CheckpointUploadMode`) hands it over: SYNC copies it
+  to the run's `storage_path` before returning, ASYNC uploads it on a thread.
+  The stall is the wall time of the write plus the report() call. Every size
+  and both modes run in one Ray Train run, in its worker process (the arrays,
+  the step and the anchor copy live there), with fewer saves than the local
+  methods; before each save the previous one is registered by the controller
+  (waited for, untimed, with `get_all_reported_checkpoints(COMMITTED)`), so it
+  too starts with the previous save committed, and `os.sync()` has run
+  (untimed: neither np.save nor the upload fsyncs, and the next save would
+  otherwise pay for writing back this one's dirty pages). Ray starts once per run of
+  this figure, after the local workers (`ray.init(num_cpus=2)` unless it is
+  running), and is shut down before the memory worker if started here. Tiny
+  mode (the smoke tests) skips these anchors unless `run(ray=True)`.
 
 The state is 8 float32 arrays (8 x 8 MB for 64 MB); the TF-backed methods
 share one set of `tf.Variable`s holding the same values. Every training step
@@ -32,18 +50,22 @@ state existed (TensorFlow, which rayhooks' session imports, already loaded).
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
 import rayhooks as rh
+from benchmarks import common
+from benchmarks.raytrain import ensure_ray, raytrain_error, raytrain_fit, raytrain_poll_secs, save_npy_dir
 from benchmarks.common import (MB, BenchResult, Stat, Target, current_rss, emit, fmt_mb, fmt_ratio,
                                paired_ratios, peak_rss, run_worker)
 
@@ -60,6 +82,8 @@ QUIESCE_SECS = 0.05   # before each anchor copy: TF's thread pools spin on for a
 
 METHODS = ("numpy_copy", "rh_async_numpy", "rh_async_tf", "rh_sync_numpy", "rh_sync_tf",
            "tf1_hook", "tf2_write", "tf2_write_async")
+RAYTRAIN_MODES = ("SYNC", "ASYNC")
+RAYTRAIN_METHODS = tuple("raytrain_" + m.lower() for m in RAYTRAIN_MODES)
 LABELS = {
     "numpy_copy": "numpy np.copyto into reused buffers (limit)",
     "rh_async_numpy": "rayhooks AsyncCheckpointSaverHook, NumpySaver",
@@ -69,6 +93,8 @@ LABELS = {
     "tf1_hook": "TF1 tf.compat.v1.train.CheckpointSaverHook (blocking)",
     "tf2_write": "TF2 tf.train.Checkpoint.write (sync)",
     "tf2_write_async": "TF2 Checkpoint.write, CheckpointOptions async",
+    "raytrain_sync": "Ray Train: write .npy dir + report(checkpoint), upload SYNC (anchor)",
+    "raytrain_async": "Ray Train: write .npy dir + report(checkpoint), upload ASYNC (anchor)",
 }
 
 
@@ -79,6 +105,15 @@ def _config(quick, tiny):
     if quick:
         return [(64 * MB, 5), (512 * MB, 1)], 512 * MB, 1
     return [(64 * MB, 10), (512 * MB, 5)], 512 * MB, 4
+
+
+def _ray_config(quick, tiny):
+    """[(size_bytes, warm saves)] of the Ray Train anchors: fewer, as each waits for a controller poll (2 s)."""
+    if tiny:
+        return [(1 * MB, 1)]
+    if quick:
+        return [(64 * MB, 3), (512 * MB, 1)]
+    return [(64 * MB, 5), (512 * MB, 3)]
 
 
 # -- the state ----------------------------------------------------------------------
@@ -392,15 +427,117 @@ def measure_memory(size, saves, tmp_root):
             "saves": saves + 1, "max_in_flight": MAX_IN_FLIGHT, "committed_at_end": committed}
 
 
+# -- Ray Train ------------------------------------------------------------------------
+
+def raytrain_stall_fn(config):
+    """On the Ray Train worker: per size, SYNC then ASYNC saves, each timed as writing the .npy files + report()."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointConsistencyMode, CheckpointUploadMode
+
+    counter = [0]
+    out = {}
+
+    def committed():
+        """Untimed: waits until the controller has registered every report so far; the names it keeps."""
+        found = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                                       timeout_s=config["wait_secs"])
+        return {c.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] for c in found}
+
+    for size, warm in config["sizes"]:
+        arrays = make_arrays(size)
+        anchor = CopyAnchor(arrays)
+        step = _numpy_step(arrays)
+        methods = {}
+        for mode in config["modes"]:
+            upload = getattr(CheckpointUploadMode, mode)
+            local_dirs = []
+
+            def save():
+                counter[0] += 1
+                name = "ckpt-%06d" % counter[0]
+                directory = tempfile.mkdtemp(prefix="raytrain-%s-" % mode.lower(), dir=config["tmp"])
+                local_dirs.append(directory)
+                started = time.perf_counter()
+                save_npy_dir(arrays, directory)
+                written = time.perf_counter()
+                ray.train.report({"save": counter[0]}, checkpoint=Checkpoint.from_directory(directory),
+                                 checkpoint_dir_name=name, checkpoint_upload_mode=upload)
+                return name, written - started, time.perf_counter() - written
+
+            def settle(name):
+                """Untimed: the save registered, its local directory removed (ASYNC removes it after the upload),
+                and its files on disk: np.save and the upload do not fsync, so the next save would otherwise
+                pay for writing back this one's dirty pages."""
+                ok = name in committed()
+                while local_dirs:
+                    shutil.rmtree(local_dirs.pop(), ignore_errors=True)
+                os.sync()
+                return ok
+
+            committed()  # the previous mode's saves
+            name, first_write, first_report = save()
+            commits = [name] if settle(name) else []
+            stalls, writes, reports, anchors, steps_secs, next_extra = [], [], [], [], [], []
+            for _ in range(warm):
+                anchors.append(anchor.time())
+                step_secs = _timed_runs(step, STEP_SAMPLES)
+                name, wrote, reported = save()
+                next_extra.append(_timed_runs(step, 1) - step_secs)  # ASYNC: the upload now competes with training
+                stalls.append(wrote + reported)
+                writes.append(wrote)
+                reports.append(reported)
+                steps_secs.append(step_secs)
+                if settle(name):
+                    commits.append(name)
+            methods["raytrain_" + mode.lower()] = {
+                "first": first_write + first_report, "first_write": first_write, "first_report": first_report,
+                "stalls": stalls, "writes": writes, "reports": reports, "anchors": anchors,
+                "step_secs": steps_secs, "next_extra": next_extra, "committed": commits,
+                "expected_commits": warm + 1}
+        out[str(size)] = {"nbytes": sum(a.nbytes for a in arrays.values()), "methods": methods}
+        del arrays, anchor, step
+    with open(config["out"], "w") as f:
+        json.dump(out, f)
+
+
+def measure_raytrain(sizes, tmp_root):
+    """The Ray Train anchors, one Ray Train run for every size (Ray started here unless running).
+
+    Returns ({size: {"nbytes", "methods"}}, facts about the run).
+    """
+    began = entered = time.perf_counter()
+    ray_mod, started = ensure_ray(sys.modules[__name__], common)
+    ray_start = time.perf_counter() - began
+    try:
+        out = os.path.join(tmp_root, "raytrain-stall.json")
+        began = time.perf_counter()
+        raytrain_fit(raytrain_stall_fn, {"sizes": [list(sw) for sw in sizes], "modes": list(RAYTRAIN_MODES),
+                                         "tmp": tmp_root, "wait_secs": WAIT_COMMIT_SECS, "out": out},
+                     os.path.join(tmp_root, "raytrain-storage"), "stall")
+        fit_secs = time.perf_counter() - began
+        with open(out) as f:
+            got = {int(k): v for k, v in json.load(f).items()}
+        poll = raytrain_poll_secs()
+    finally:
+        if started:
+            ray_mod.shutdown()
+    return got, {"wall_secs": time.perf_counter() - entered, "fit_secs": fit_secs, "ray_start_secs": ray_start,
+                 "ray_started_here": started,
+                 "poll_secs": poll, "sizes": [list(sw) for sw in sizes]}
+
+
 # -- the figure -----------------------------------------------------------------------
 
 def _ms(stat):
     return stat.format(1 if stat.median >= 10 else 2)
 
 
-def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp_root=None):
-    """Measures every size (one worker process each unless `isolate` is False) and, if `memory`, the peak RSS
-    of a separate process making asynchronous saves."""
+def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp_root=None, ray=None):
+    """Measures every size (one worker process each unless `isolate` is False), then, if `ray` (default: yes,
+    except in tiny mode), the Ray Train anchors, and, if `memory`, the peak RSS of a separate process making
+    asynchronous saves."""
+    if ray is None:
+        ray = not tiny
     sizes, mem_size, mem_saves = _config(quick, tiny)
     own_tmp = tmp_root is None
     tmp_root = tmp_root or tempfile.mkdtemp(prefix="rayhooks-bench-ckpt-")
@@ -413,6 +550,22 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
                 results[size] = run_worker("benchmarks.bench_checkpoint_stall", args, timeout=600)
             else:
                 results[size] = measure(size, warm, methods, tmp_root)
+        raytrain = None
+        if ray:  # after the local workers, so that Ray's processes are not running beside them
+            ray_sizes = [(size, warm) for size, warm in _ray_config(quick, tiny) if size in results]
+            try:
+                got, raytrain = measure_raytrain(ray_sizes, tmp_root)
+                for size, res in got.items():
+                    if res["nbytes"] != results[size]["nbytes"]:
+                        raise AssertionError("Ray Train saved %d bytes, the others %d" % (
+                            res["nbytes"], results[size]["nbytes"]))
+                    results[size]["methods"].update(res["methods"])
+            except Exception as e:  # noqa: BLE001 -- an anchor that fails is reported, not fatal
+                traceback.print_exc(file=sys.stderr)
+                raytrain = {"error": raytrain_error(e)}
+                for size, _ in ray_sizes:
+                    for method in RAYTRAIN_METHODS:
+                        results[size]["methods"][method] = {"unavailable": "Ray Train failed: " + raytrain["error"]}
         mem = None
         if memory:
             mem = run_worker("benchmarks.bench_checkpoint_stall",
@@ -421,7 +574,7 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
     finally:
         if own_tmp:
             shutil.rmtree(tmp_root, ignore_errors=True)
-    return _report(results, mem, sizes)
+    return _report(results, mem, sizes, raytrain)
 
 
 def _copy_ratio(r):
@@ -430,11 +583,12 @@ def _copy_ratio(r):
     return statistics.median(ratios) if ratios else None
 
 
-def _report(results, memory, sizes):
+def _report(results, memory, sizes, raytrain=None):
     headers = ["state", "method", "first save ms", "stall ms median [min–max] (n)", "x numpy copy (paired)",
                "TF1 hook / this (raw; per copy)", "snapshot ms (hook.last_stall_secs)", "next step +ms"]
     rows, targets, notes = [], [], []
-    data = {"sizes": {}, "memory": memory}
+    data = {"sizes": {}, "memory": memory, "raytrain": raytrain}
+    rt_notes = []
     for size, warm in sizes:
         res = results[size]
         label = fmt_mb(res["nbytes"])
@@ -483,6 +637,22 @@ def _report(results, memory, sizes):
                                                        fmt_ratio(normalised), fmt_ratio(xcopy["tf1_hook"]),
                                                        fmt_ratio(xcopy[method])),
                     raw >= TF1_TARGET, TF1_TARGET / raw if raw else None))
+        for method in RAYTRAIN_METHODS:
+            r = per.get(method)
+            if r is None or "unavailable" in r:
+                continue
+            parts = "writing the .npy files %s ms + report() %s ms" % (
+                _ms(Stat.of(r["writes"]).scaled(1e3)), _ms(Stat.of(r["reports"]).scaled(1e3)))
+            versus = []
+            for local, short in (("rh_async_numpy", "rayhooks async (NumpySaver)"),
+                                 ("rh_sync_numpy", "rayhooks blocking (NumpySaver)")):
+                if local in stats and stats[local].median > 0 and xcopy.get(local) and xcopy.get(method):
+                    versus.append("%s the stall of %s (%s per copy)" % (
+                        fmt_ratio(stats[method].median / stats[local].median), short,
+                        fmt_ratio(xcopy[method] / xcopy[local])))
+            rt_notes.append("%s Ray Train %s: stall = %s (medians over %d saves; first save %.1f ms)%s." % (
+                label, method.split("_")[-1].upper(), parts, len(r["stalls"]), 1e3 * r["first"],
+                "; " + "; ".join(versus) if versus else ""))
     extra = []
     if memory is not None:
         delta = memory["peak_rss"] - memory["baseline_rss"]
@@ -512,6 +682,20 @@ def _report(results, memory, sizes):
         "copy-on-write of a variable still being saved, shows up there).",
         "rayhooks files are fsync'ed before commit; TF's local writes are not, which favours the blocking TF rows.",
     ]
+    if raytrain is None:
+        notes.append("Ray Train anchors not run (ray=False; tiny mode skips them unless asked).")
+    elif "error" not in raytrain:
+        notes += rt_notes
+        notes.append(
+            "Ray Train: 1 worker (resources_per_worker CPU 0.01), Ray %s (%.0f s to start), one Ray Train run of "
+            "%.0f s for every size and both modes (saves after the first: %s); %.0f s in all for these anchors. "
+            "np.save does not fsync and SYNC copies the directory to storage_path on the same disk; before each "
+            "save the controller (polling every %.1f s) has registered the previous one and os.sync() has run "
+            "(untimed)." % (
+                "started here with num_cpus=2" if raytrain["ray_started_here"] else "already running",
+                raytrain["ray_start_secs"], raytrain["fit_secs"],
+                ", ".join("%s x %d" % (fmt_mb(s), w) for s, w in raytrain["sizes"]), raytrain["wall_secs"],
+                raytrain["poll_secs"]))
     return BenchResult(NAME, TITLE, headers, rows, targets, notes, data, extra)
 
 

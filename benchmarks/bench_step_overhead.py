@@ -16,32 +16,55 @@ interleaved in every repeat:
 Each monitored loop is timed two ways: `run()` alone, and the loop users write,
 `while not sess.should_stop(): sess.run(...)`. The overhead is the per-step
 time minus that of the respective bare loop, paired repeat by repeat.
+
+Ray Train anchor (no target, context): a Ray Train (v2 API) function trainer
+with 1 worker (`DataParallelTrainer`; Ray is started with `ray.init(num_cpus=2)`
+unless it is running, and shut down at the end if started here). Inside the
+training function, the bare loop of the same trivial step and the same loop
+calling `ray.train.report({"step": i})` every step are interleaved as above;
+then `report()` is timed alone, each call made once the controller has taken
+every earlier report (waited for, untimed, with
+`ray.train.get_all_reported_checkpoints(consistency_mode=COMMITTED)`), which
+is what a loop reporting every N steps pays at each report. In Ray 2.60 a
+report() waits for a broadcast through a synchronization actor and then puts
+its result on a queue of size 1 that the controller drains once per poll
+(`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s): reporting every step runs at
+about one step per poll. Ray starts once per run of this figure; tiny mode
+(the smoke tests) skips the anchor unless `run(ray=True)`.
 """
 
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import BenchResult, Stat, Target, fmt_ratio, interleaved
+from benchmarks.raytrain import RAY_CPUS, ensure_ray, raytrain_error, raytrain_fit, raytrain_poll_secs
 
 NAME = "step_overhead"
 TITLE = "Figure 1: per-step overhead on non-trigger steps"
 HUGE = 10 ** 9
 TARGET_US = 2.0      # the brief: rayhooks adds < 2 µs per step
 TF1_CLAIM_US = 25.0  # the brief: TF1 adds about 25 µs
+RAY_WAIT_SECS = 300.0
+RT_REPORT_LABEL = "Ray Train: ray.train.report({'step': i}) every step"
 
 
 def _config(quick, tiny):
+    """Steps per repeat and repeats; rt_*: the Ray Train anchor (each report() waits up to a controller poll)."""
     if tiny:
-        return dict(rh_steps=200, tf_steps=50, repeats=2)
+        return dict(rh_steps=200, tf_steps=50, repeats=2, rt_steps=2, rt_repeats=1, rt_warmup=0)
     if quick:
-        return dict(rh_steps=5000, tf_steps=300, repeats=9)
-    return dict(rh_steps=10000, tf_steps=1000, repeats=31)
+        return dict(rh_steps=5000, tf_steps=300, repeats=9, rt_steps=3, rt_repeats=3, rt_warmup=1)
+    return dict(rh_steps=10000, tf_steps=1000, repeats=31, rt_steps=5, rt_repeats=5, rt_warmup=1)
 
 
 def _rayhooks_loops(tmp):
@@ -135,7 +158,77 @@ def _tf1_loops(tmp):
     return close, steps_done, bare, run_only, stop_and_run
 
 
-def run(quick=False, tiny=False):
+# -- Ray Train (also used by bench_checkpoint_stall) ---------------------------------------
+
+def raytrain_report_fn(config):
+    """On the Ray Train worker: the bare loop vs the loop reporting every step, then report() calls alone."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+
+    def bare(n):
+        fn = step
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return time.perf_counter() - started
+
+    def report_each_step(n):
+        report, fn = ray.train.report, step
+        started = time.perf_counter()
+        for i in range(n):
+            fn()
+            report({"step": i})
+        return time.perf_counter() - started
+
+    a, s, d = interleaved(bare, {"report": report_each_step}, config["steps"], config["repeats"],
+                          warmup=config["warmup"])
+    reports = (config["warmup"] + config["repeats"]) * config["steps"]
+    calls = []
+    for i in range(config["repeats"]):
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=config["wait_secs"])  # untimed: the queue is empty
+        started = time.perf_counter()
+        ray.train.report({"step": -1 - i})
+        calls.append(time.perf_counter() - started)
+        reports += 1
+    with open(config["out"], "w") as f:
+        json.dump({"bare": a, "report": s["report"], "report_overhead": d["report"], "call": calls,
+                   "steps_run": counter[0], "reports": reports}, f)
+
+
+def measure_raytrain(cfg, tmp):
+    """The Ray Train anchor: one Ray Train run (Ray started here unless running); per-step seconds as lists."""
+    began = entered = time.perf_counter()
+    ray_mod, started = ensure_ray(sys.modules[__name__], common)
+    ray_start = time.perf_counter() - began
+    try:
+        out = os.path.join(tmp, "raytrain-report.json")
+        began = time.perf_counter()
+        raytrain_fit(raytrain_report_fn,
+                     {"steps": cfg["rt_steps"], "repeats": cfg["rt_repeats"], "warmup": cfg["rt_warmup"],
+                      "wait_secs": RAY_WAIT_SECS, "out": out},
+                     os.path.join(tmp, "raytrain-storage"), "report")
+        fit_secs = time.perf_counter() - began
+        with open(out) as f:
+            got = json.load(f)
+        poll = raytrain_poll_secs()
+    finally:
+        if started:
+            ray_mod.shutdown()
+    got.update(wall_secs=time.perf_counter() - entered, fit_secs=fit_secs, ray_start_secs=ray_start,
+               ray_started_here=started, poll_secs=poll)
+    return got
+
+
+def run(quick=False, tiny=False, ray=None):
+    """`ray`: run the Ray Train anchor (default: yes, except in tiny mode)."""
+    if ray is None:
+        ray = not tiny
     cfg = _config(quick, tiny)
     repeats = cfg["repeats"]
     tmp = tempfile.mkdtemp(prefix="rayhooks-bench-steps-")
@@ -155,6 +248,14 @@ def run(quick=False, tiny=False):
         close()
         data["tf1"] = {"bare": a, "run": s["run"], "run_overhead": d["run"],
                        "loop": s["loop"], "loop_overhead": d["loop"]}
+
+        data["raytrain"] = None
+        if ray:  # last, so that Ray's processes are not running beside the loops above
+            try:
+                data["raytrain"] = measure_raytrain(cfg, tmp)
+            except Exception as e:  # noqa: BLE001 -- an anchor that fails is reported, not fatal
+                traceback.print_exc(file=sys.stderr)
+                data["raytrain"] = {"error": raytrain_error(e)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -180,6 +281,23 @@ def run(quick=False, tiny=False):
         row("TF1: while not should_stop(): run(train_op)", ts["loop"], ts["loop_overhead"],
             "%d × %d" % (cfg["tf_steps"], repeats)),
     ]
+    rt = data["raytrain"]
+    rt_note = None
+    if rt is None:
+        rt_note = "Ray Train anchor not run (ray=False; tiny mode skips it unless asked)."
+    elif "error" in rt:
+        rows.append(["Ray Train ray.train.report() every step", "unavailable: " + rt["error"], "—", "—"])
+    else:
+        rts = {m: Stat.of(rt[m]).scaled(us) for m in ("bare", "report", "report_overhead", "call")}
+        stats["raytrain"] = rts
+        data["stats_us"]["raytrain"] = {m: st.to_dict() for m, st in rts.items()}
+        n_rt = "%d × %d" % (cfg["rt_steps"], cfg["rt_repeats"])
+        rows += [
+            row("Ray Train worker: bare Python loop (Ray anchor)", rts["bare"], None, n_rt),
+            [RT_REPORT_LABEL, rts["report"].format(0), rts["report_overhead"].format(0), n_rt],
+            ["Ray Train: one report() with the previous one taken (µs/call)", rts["call"].format(0),
+             rts["call"].format(0), "1 × %d" % len(rt["call"])],
+        ]
     rh_loop, tf_loop = rs["loop_overhead"].median, ts["loop_overhead"].median
     targets = [
         Target("rayhooks overhead < %.0f µs/step (the should_stop()+run() loop)" % TARGET_US,
@@ -200,9 +318,26 @@ def run(quick=False, tiny=False):
         "SummarySaverHook (save_steps=%d), no summary op in either." % (
             "CheckpointSaverHook + SummarySaverHook", HUGE, HUGE),
     ]
+    if rt_note:
+        notes.append(rt_note)
+    elif "raytrain" in stats:
+        rts = stats["raytrain"]
+        rt_over = rts["report_overhead"].median
+        notes += [
+            "Ray Train anchor (no target): ray.train.report({'step': i}) every step adds %s s/step over the bare "
+            "loop in the same worker, i.e. %s rayhooks' overhead (loop). A lone report() with the controller caught up "
+            "takes %s ms. Each report() waits for a broadcast through Ray Train's synchronization actor, then puts "
+            "its result on a queue of size 1 that the controller drains once per poll (every %.1f s, "
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): reporting every step runs at about one step per poll."
+            % (rts["report_overhead"].scaled(1e-6).format(2), fmt_ratio(rt_over / rh_loop if rh_loop > 0 else None),
+               rts["call"].scaled(1e-3).format(2), rt["poll_secs"]),
+            "Ray Train: 1 worker (resources_per_worker CPU 0.01), Ray %s (%.0f s to start), the Ray Train run "
+            "%.0f s, %.0f s in all for this anchor; %d steps and %d report() calls ran in the worker." % (
+                "started here with num_cpus=%d" % RAY_CPUS if rt["ray_started_here"] else "already running",
+                rt["ray_start_secs"], rt["fit_secs"], rt["wall_secs"], rt["steps_run"], rt["reports"]),
+        ]
     return BenchResult(NAME, TITLE, headers, rows, targets, notes, data)
 
 
 if __name__ == "__main__":
-    import sys
     print(run(quick="--quick" in sys.argv, tiny="--tiny" in sys.argv).markdown())

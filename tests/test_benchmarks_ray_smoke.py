@@ -18,38 +18,13 @@ if REPO_ROOT not in sys.path:  # `benchmarks` sits beside `rayhooks`, not instal
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import bench_chief, bench_ray  # noqa: E402
-from benchmarks.common import BenchResult  # noqa: E402
-
-
-def _positive_finite(values):
-    values = list(values)
-    assert values, "no measurements"
-    for v in values:
-        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, values
-
-
-def _finite(values):
-    values = list(values)
-    assert values, "no measurements"
-    for v in values:
-        assert isinstance(v, (int, float)) and math.isfinite(v), values
-
-
-def _well_formed(result, name, title):
-    assert isinstance(result, BenchResult)
-    assert (result.name, result.title) == (name, title)
-    assert result.rows and all(len(row) == len(result.headers) for row in result.rows)
-    for caption, headers, rows in result.extra_tables:
-        assert rows and all(len(row) == len(headers) for row in rows), caption
-    assert all(isinstance(t.met, bool) for t in result.targets)
-    text = result.markdown()
-    assert text.startswith("## " + title)
-    return text
+from bench_checks import finite as _finite, positive_finite as _positive_finite  # noqa: E402
+from bench_checks import well_formed  # noqa: E402
 
 
 def test_bench_chief_tiny_feeds_every_report():
     result = bench_chief.run(tiny=True)
-    text = _well_formed(result, bench_chief.NAME, bench_chief.TITLE)
+    text = well_formed(result, bench_chief.NAME, bench_chief.TITLE)
     cfg = result.data["config"]
     assert set(result.data["workers"]) == set(cfg["workers"])
     assert len(result.rows) == len(cfg["workers"])
@@ -75,7 +50,7 @@ def test_bench_chief_profile_names_a_hot_spot(tmp_path):
 
 def test_bench_ray_tiny_runs_every_backend_and_worker_count(ray_session):
     result = bench_ray.run(tiny=True)
-    text = _well_formed(result, bench_ray.NAME, bench_ray.TITLE)
+    text = well_formed(result, bench_ray.NAME, bench_ray.TITLE)
     cfg = result.data["config"]
     runs = result.data["overhead"]
     assert [(d["backend"], d["workers"]) for d in runs] == [

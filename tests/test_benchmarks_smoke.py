@@ -4,6 +4,9 @@ No timing is asserted: the numbers of a tiny run mean nothing. What is checked
 is that every loop and every save really ran (step counts, committed
 checkpoints), that every figure is a finite positive number, and that the
 command line writes a results file naming the machine and every target.
+Tiny mode skips the Ray Train anchors of both figures; they run in a test of
+their own, under one Ray started by that test, since starting Ray and a Ray
+Train run takes most of half a minute.
 """
 
 import math
@@ -93,6 +96,8 @@ def test_step_overhead_tiny_runs_every_loop():
     assert len(result.rows) == 6 and all(len(r) == len(result.headers) for r in result.rows)
     assert [isinstance(t.met, bool) for t in result.targets] == [True, True]
     assert "µs/step" in result.markdown()
+    assert result.data["raytrain"] is None  # tiny: the Ray Train anchor is skipped, and says so
+    assert any("Ray Train anchor not run" in n for n in result.notes)
 
 
 def test_checkpoint_stall_tiny_runs_every_method():
@@ -112,6 +117,8 @@ def test_checkpoint_stall_tiny_runs_every_method():
         if name.startswith("rh_"):
             _positive_finite(r["snapshots"])
     assert len(result.rows) == len(bench_checkpoint_stall.METHODS)
+    assert result.data["raytrain"] is None  # tiny: the Ray Train anchors are skipped, and say so
+    assert any("Ray Train anchors not run" in n for n in result.notes)
     kinds = [t.name for t in result.targets]
     assert any("within 1.2x of the numpy copy" in k for k in kinds)
     assert any("below TF1's blocking hook" in k for k in kinds)
@@ -130,6 +137,64 @@ def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Results written to %s" % out in printed
     assert "| loop" in printed and "| state" in printed
+
+
+@pytest.fixture
+def tiny_ray(monkeypatch):
+    """One local Ray (2 CPUs) for both figures' Ray Train anchors, its controller polling every 0.2 s.
+
+    The poll interval (2 s by default) only paces how soon reports are taken; each figure reads it back.
+    """
+    import ray
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process: the poll interval could not be set")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_ray_train_anchors_tiny(tiny_ray):
+    """Both figures' Ray Train anchors, tiny, under the test's Ray: every report and every save ran."""
+    # Figure 1: ray.train.report() every step, beside its bare loop
+    result = bench_step_overhead.run(tiny=True, ray=True)
+    cfg, rt = result.data["config"], result.data["raytrain"]
+    assert "error" not in rt, rt
+    loops = cfg["rt_warmup"] + cfg["rt_repeats"]
+    assert rt["steps_run"] == 2 * loops * cfg["rt_steps"]  # the bare loop and the reporting loop
+    assert rt["reports"] == loops * cfg["rt_steps"] + cfg["rt_repeats"]  # + the lone report() calls
+    for kind in ("bare", "report", "call"):
+        assert len(rt[kind]) == cfg["rt_repeats"]
+        _positive_finite(rt[kind])
+    assert not rt["ray_started_here"] and rt["poll_secs"] == 0.2
+    assert len(result.rows) == 9 and all(len(r) == len(result.headers) for r in result.rows)
+    assert bench_step_overhead.RT_REPORT_LABEL in result.markdown()
+    assert any("Ray Train anchor (no target)" in n for n in result.notes)
+    assert len(result.targets) == 2  # the anchor adds no target
+
+    # Figure 2: write the .npy directory + report(checkpoint), SYNC and ASYNC upload
+    local = ("numpy_copy", "rh_async_numpy", "rh_sync_numpy")
+    result = bench_checkpoint_stall.run(tiny=True, ray=True, isolate=False, memory=False, methods=local)
+    (size, per), = result.data["sizes"].items()
+    methods = per["raw"]["methods"]
+    assert set(methods) == set(local) | set(bench_checkpoint_stall.RAYTRAIN_METHODS)
+    (_, warm), = bench_checkpoint_stall._ray_config(False, True)
+    for name in bench_checkpoint_stall.RAYTRAIN_METHODS:
+        r = methods[name]
+        assert "unavailable" not in r, r
+        assert len(r["stalls"]) == len(r["writes"]) == len(r["reports"]) == len(r["anchors"]) == warm
+        _positive_finite(r["stalls"] + r["writes"] + r["reports"] + r["anchors"] + [r["first"]])
+        assert all(abs(s - w - p) < 1e-9 for s, w, p in zip(r["stalls"], r["writes"], r["reports"]))
+        assert len(r["committed"]) == r["expected_commits"] == warm + 1, (name, r["committed"])
+        assert per["x_copy"][name] > 0
+    assert not result.data["raytrain"]["ray_started_here"]
+    assert len(result.rows) == len(local) + 2 and all(len(r) == len(result.headers) for r in result.rows)
+    text = result.markdown()
+    for name in bench_checkpoint_stall.RAYTRAIN_METHODS:
+        assert bench_checkpoint_stall.LABELS[name] in text
+    assert sum("Ray Train SYNC" in n or "Ray Train ASYNC" in n for n in result.notes) == 2
 
 
 def test_main_only_runs_one_benchmark(tmp_path):
