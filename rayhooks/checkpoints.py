@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 
 import google_crc32c
 
+from rayhooks import progress
 from rayhooks.formats import bundle, state_file
 from rayhooks.storage import Storage
 
@@ -99,10 +100,11 @@ class CheckpointStore:
 
     # -- writing --------------------------------------------------------------
 
-    def write_data(self, step: int, tensors, prefix: Optional[str] = None) -> Dict[str, dict]:
+    def write_data(self, step: int, tensors, prefix: Optional[str] = None, on_bytes=None) -> Dict[str, dict]:
         """Persists the tensors of `step` as one TF bundle; returns per-file size and crc32c.
 
         `prefix` names a per-worker shard; by default the checkpoint's own prefix.
+        `on_bytes(n)` hears of the data bytes as they are written (a retried write counts again).
         """
         prefix = prefix or self.prefix_for(step)
         data_name = bundle.data_filename(prefix)
@@ -110,7 +112,7 @@ class CheckpointStore:
 
         def produce(fileobj):
             index = io.BytesIO()
-            stats = _write(fileobj, index, tensors)
+            stats = _write(progress.CountingWriter(fileobj, on_bytes) if on_bytes else fileobj, index, tensors)
             return index.getvalue(), stats
 
         index_bytes, stats = self.storage.write_with(data_name, produce, fresh=True)
@@ -147,10 +149,16 @@ class CheckpointStore:
             all_model_checkpoint_timestamps=[i.timestamp for i in kept],
             last_preserved_timestamp=last_preserved)
         self.storage.write_bytes(STATE_FILE, state_file.format_state(state).encode())
-        for info in dropped:  # the manifest goes first: a half-deleted checkpoint is then a partial
-            self.storage.delete([info.prefix + MANIFEST_SUFFIX])
-            self.storage.delete(sorted(info.files) + [info.prefix + LISTENERS_SUFFIX])
-        self.collect_partials()
+        # The checkpoint is committed by now: clearing old files is housekeeping, and a
+        # failure there must not turn a good save into a failed one.
+        try:
+            for info in dropped:  # the manifest goes first: a half-deleted checkpoint is then a partial
+                self.storage.delete([info.prefix + MANIFEST_SUFFIX])
+                self.storage.delete(sorted(info.files) + [info.prefix + LISTENERS_SUFFIX])
+            self.collect_partials()
+        except Exception as e:  # noqa: BLE001 -- logged; `rayhooks gc` finishes the job later
+            logger.warning("[step=%d] committed, but old or partial files could not be removed: %s; "
+                           "`rayhooks gc %s` removes partial files later", newest.step, e, self.url)
 
     def refuse_foreign(self) -> None:
         """Raises if the directory holds TF checkpoints that rayhooks did not write.
@@ -258,12 +266,12 @@ class CheckpointStore:
 
     # -- verification and restore ---------------------------------------------
 
-    def verify(self, info: CheckpointInfo) -> List[str]:
+    def verify(self, info: CheckpointInfo, on_bytes=None) -> List[str]:
         """Returns the problems found in `info`'s files (empty when every checksum matches)."""
         problems = []
         for name, meta in sorted(info.files.items()):
             try:
-                crc, size = self._checksum(name)
+                crc, size = self._checksum(name, on_bytes)
             except FileNotFoundError:
                 problems.append("%s is missing" % self.storage.url_of(name))
                 continue
@@ -272,7 +280,7 @@ class CheckpointStore:
                                 % (self.storage.url_of(name), meta["bytes"], meta["crc32c"], size, crc))
         return problems
 
-    def _checksum(self, name):
+    def _checksum(self, name, on_bytes=None):
         crc, size = google_crc32c.Checksum(), 0
         with self.storage.open_read(name) as f:
             while True:
@@ -281,26 +289,38 @@ class CheckpointStore:
                     break
                 crc.update(chunk)
                 size += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
         return int.from_bytes(crc.digest(), "big"), size
 
-    def reader(self, info: CheckpointInfo, worker: Optional[int] = None) -> "CheckpointReader":
+    def reader(self, info: CheckpointInfo, worker: Optional[int] = None, on_bytes=None) -> "CheckpointReader":
         """Reads `info`; with `worker`, that worker's own shard where the checkpoint has one."""
         prefix = info.prefix
         if worker:
             shard = "%s.worker%d" % (info.prefix, worker)
             if bundle.index_filename(shard) in info.files:
                 prefix = shard
-        return CheckpointReader(self.storage, info, prefix)
+        return CheckpointReader(self.storage, info, prefix, on_bytes)
 
-    def restore_latest(self, saver, verify: bool = True, worker: Optional[int] = None) -> Optional[CheckpointInfo]:
-        """Restores the newest checkpoint that verifies; falls back to older ones with a warning."""
+    def restore_latest(self, saver, verify: bool = True, worker: Optional[int] = None,
+                       progress_file=None) -> Optional[CheckpointInfo]:
+        """Restores the newest checkpoint that verifies; falls back to older ones with a warning.
+
+        A restore that takes over a second shows a progress bar of the bytes read
+        (see `rayhooks.progress`).
+        """
         for info in reversed(self.committed()):
-            problems = self.verify(info) if verify else []
-            if problems:
-                logger.warning("[step=%d] checkpoint %s is damaged (%s); falling back to the previous one",
-                               info.step, info.url, "; ".join(problems))
-                continue
-            saver.restore(self.reader(info, worker))
+            bar = progress.byte_bar("restoring step %d from %s" % (info.step, self.url),
+                                    info.nbytes * (2 if verify else 1), file=progress_file)
+            try:
+                problems = self.verify(info, bar.update) if verify else []
+                if problems:
+                    logger.warning("[step=%d] checkpoint %s is damaged (%s); falling back to the previous one",
+                                   info.step, info.url, "; ".join(problems))
+                    continue
+                saver.restore(self.reader(info, worker, bar.update))
+            finally:
+                bar.close()
             return info
         return None
 
@@ -308,10 +328,11 @@ class CheckpointStore:
 class CheckpointReader:
     """Read access to one committed checkpoint, handed to `saver.restore`."""
 
-    def __init__(self, storage: Storage, info: CheckpointInfo, prefix: Optional[str] = None):
+    def __init__(self, storage: Storage, info: CheckpointInfo, prefix: Optional[str] = None, on_bytes=None):
         self.storage = storage
         self.info = info
         self.prefix = prefix or info.prefix
+        self.on_bytes = on_bytes  # hears of the bytes read or downloaded, for a progress bar
 
     @property
     def url(self) -> str:
@@ -324,6 +345,8 @@ class CheckpointReader:
     def read_tensors(self, keys=None) -> dict:
         index = self.storage.read_bytes(bundle.index_filename(self.prefix))
         with self.storage.open_read(bundle.data_filename(self.prefix)) as data:
+            if self.on_bytes is not None:
+                data = progress.CountingReader(data, self.on_bytes)
             return bundle.read_bundle(index, data, keys=keys)
 
     def local_copy(self) -> "LocalCopy":
@@ -333,7 +356,7 @@ class CheckpointReader:
             return LocalCopy("%s/%s" % (self.storage.local_root, self.prefix), None)
         tmp = tempfile.TemporaryDirectory(prefix="rayhooks-restore-")
         for name in names:
-            self.storage.get_to_local(name, os.path.join(tmp.name, name))
+            self.storage.get_to_local(name, os.path.join(tmp.name, name), self.on_bytes)
         return LocalCopy("%s/%s" % (tmp.name, self.prefix), tmp)
 
     @contextlib.contextmanager
@@ -341,7 +364,7 @@ class CheckpointReader:
         """A local path prefix TF can read (downloads first for a remote URL)."""
         from rayhooks.savers import staged_locally
         names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
-        with staged_locally(self.storage, names) as local_dir:
+        with staged_locally(self.storage, names, self.on_bytes) as local_dir:
             yield "%s/%s" % (local_dir, self.prefix)
 
 

@@ -56,6 +56,9 @@ class Chief:
         self._ended: Dict[int, int] = {}
         self.committed: List[int] = []
         self.skipped_saves = 0
+        self.failed_saves = 0
+        self._shard_health: Dict[int, dict] = {}
+        self._worker_retries: Dict[int, int] = {}
         self.errors: List[str] = []
         self._last_checkpoint_step = None
         self._rules: Dict[str, Action] = {}
@@ -187,7 +190,8 @@ class Chief:
     # -- reports --------------------------------------------------------------
 
     def report(self, worker: int, step: int, now: float, outputs: dict, shards: list, metrics: dict,
-               stop_requested: bool = False, skipped: tuple = (), preempted: bool = False) -> None:
+               stop_requested: bool = False, skipped: tuple = (), preempted: bool = False,
+               failed: tuple = ()) -> None:
         """Progress from one worker. Called without the worker waiting for it."""
         previous = self._last_seen.get(worker)
         if previous is not None and now > previous[1] and step > previous[0]:
@@ -208,8 +212,15 @@ class Chief:
         for s in (skipped if writes else ()):
             self._cancel(s, "worker %d skipped it (its previous save was still in flight, or the plan "
                             "reached it late)" % worker)
-        for s, worker_index, files in shards:
+        for s in (failed if writes else ()):
+            self.failed_saves += 1
+            self._cancel(s, "worker %d could not write it; the next save retries "
+                            "(on_write_error='retry_next_save')" % worker, skipped=False)
+        for s, worker_index, files, *health in shards:
             self._shards.setdefault(s, {})[worker_index] = files
+            if health:
+                self._shard_health.setdefault(s, {})[worker_index] = health[0]
+                self._worker_retries[worker_index] = health[0].get("retries", 0)
             self._maybe_commit(s)
         stop = None
         if stop_requested:
@@ -313,15 +324,29 @@ class Chief:
         logger.info("[step=%d] committed %s (%.1f MB)", step, info.url, info.nbytes / 1e6)
         self._announced.pop(step * 2, None)
         self.planner.done(Action(step, CHECKPOINT))
-        if self.spec.summary is not None or ck is not None:
-            SummaryWriterCache.get(ck.store.url).add_session_log(
-                "CHECKPOINT", step, checkpoint_path=ck.store.storage.url_of(ck.store.basename))
+        writer = SummaryWriterCache.get(ck.store.url, ck.store.storage.storage_options)
+        writer.add_session_log("CHECKPOINT", step, checkpoint_path=ck.store.storage.url_of(ck.store.basename))
+        self._write_health(writer, step, info)
         self._dispatch_after_save(step)
         rule = self._rules.get(CHECKPOINT)
         if rule is not None:  # the next save on the rule hears before_save now, before it can commit
             nxt = step + rule.every
             if self.planner.stop_step is None or nxt <= self.planner.stop_step:
                 self._before_save(nxt)
+
+    def _write_health(self, writer, step: int, info) -> None:
+        """Checkpointing cost as TensorBoard scalars in the checkpoint dir, beside the loss curve.
+
+        The slowest writer sets a sharded save's stall and persist time.
+        """
+        shards = list(self._shard_health.pop(step, {}).values())
+        health = {"skipped_saves": self.skipped_saves, "failed_saves": self.failed_saves,
+                  "retries": sum(self._worker_retries.values()), "bytes": info.nbytes}
+        if shards:
+            persisted = max(h["persist_secs"] for h in shards)
+            health.update(stall_ms=max(h["stall_ms"] for h in shards), persist_secs=persisted,
+                          MBps=info.nbytes / 1e6 / persisted if persisted > 0 else 0.0)
+        writer.add_summary({"checkpoint/" + k: float(v) for k, v in health.items()}, step)
 
     def _dispatch_after_save(self, step: int) -> None:
         """after_save(step), at most once per step even across a chief restart (I3)."""
@@ -381,11 +406,12 @@ class Chief:
             self._dispatch_after_save(info.step)
         self._recovered = True
 
-    def _cancel(self, step: int, why: str) -> None:
+    def _cancel(self, step: int, why: str, skipped: bool = True) -> None:
         if self._announced.pop(step * 2, None) is not None or self._expects_checkpoint(step):
-            self.skipped_saves += 1
+            self.skipped_saves += skipped
             self._cancelled.add(step)
             self._shards.pop(step, None)
+            self._shard_health.pop(step, None)
             self.planner.done(Action(step, CHECKPOINT))
             logger.info("[step=%d] checkpoint skipped: %s", step, why)
 
@@ -433,8 +459,9 @@ class Chief:
         if self.spec.summary is not None:
             self._summary_writer.flush()
         if self.spec.checkpoint is not None:
-            SummaryWriterCache.get(self.spec.checkpoint.store.url).flush()
+            SummaryWriterCache.get(self.spec.checkpoint.store.url,
+                                   self.spec.checkpoint.store.storage.storage_options).flush()
         return {"last_step": last_step, "committed": list(self.committed), "metrics": dict(self._metrics),
                 "recoveries": self.recoveries, "preemptions": self.preemptions,
-                "skipped_saves": self.skipped_saves,
+                "skipped_saves": self.skipped_saves, "failed_saves": self.failed_saves,
                 "latest_checkpoint": self.session.latest_checkpoint}

@@ -35,6 +35,7 @@ class LaunchResult:
     skipped_saves: int
     worker_results: list
     recoveries: int = 0               # times the worker group was restarted after a failure
+    failed_saves: int = 0             # saves that could not be written (on_write_error='retry_next_save')
 
 
 def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None, backend: str = "ray",
@@ -94,7 +95,7 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
 def _result(summary: dict, worker_results) -> LaunchResult:
     return LaunchResult(summary["last_step"], summary["committed"], summary["latest_checkpoint"],
                         summary["metrics"], summary["skipped_saves"], list(worker_results),
-                        summary.get("recoveries", 0))
+                        summary.get("recoveries", 0), summary.get("failed_saves", 0))
 
 
 def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,

@@ -58,7 +58,9 @@ class _WorkerActor:
         self.context = WorkerContext(index, num_workers, spec, _RayTransport(chief), hooks, report_interval)
         # Preemption (a node being drained, a spot VM reclaimed) arrives as SIGTERM. The
         # actor's constructor runs on the process's main thread, the only one that may set it.
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.context.agent.preempt())
+        signals = spec.checkpoint.save_on_signals if spec.checkpoint is not None else (signal.SIGTERM,)
+        for sig in signals:
+            signal.signal(sig, lambda signum, frame: self.context.agent.preempt())
 
     def pid(self):
         return os.getpid()

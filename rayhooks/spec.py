@@ -6,6 +6,7 @@ hook runs on the chief as it is. Everything here pickles, to reach Ray actors.
 """
 
 import dataclasses
+import signal
 from typing import List, Optional, Tuple
 
 from rayhooks.basic_hooks import StopAtStepHook
@@ -25,6 +26,8 @@ class CheckpointSpec:
     max_in_flight: int = 1
     max_in_flight_bytes: Optional[int] = None
     all_workers_write: bool = False
+    on_write_error: str = "raise"
+    save_on_signals: tuple = (signal.SIGTERM,)
 
 
 @dataclasses.dataclass
@@ -59,7 +62,8 @@ def build_spec(chief_hooks: List, all_workers_write: bool = False) -> RunSpec:
                 in_flight=getattr(hook, "_in_flight", "wait"),
                 max_in_flight=getattr(hook, "_max_in_flight", 1),
                 max_in_flight_bytes=getattr(hook, "_max_in_flight_bytes", None),
-                all_workers_write=all_workers_write)
+                all_workers_write=all_workers_write, on_write_error=hook._on_write_error,
+                save_on_signals=hook._save_on_signals)
         elif isinstance(hook, SummarySaverHook):
             if summary is not None or not hook._output_dir:
                 raise ValueError("launch supports one SummarySaverHook, with output_dir set")

@@ -25,11 +25,13 @@ import logging
 import threading
 import time
 
+from rayhooks.checkpoints import CheckpointStore
 from rayhooks.monitored_session import MonitoredSession
 from rayhooks.plan import CHECKPOINT, SUMMARY
 from rayhooks.handle import resolve_fetches
 from rayhooks.session_run_hook import SessionRunHook
-from rayhooks.writer import BackgroundWriter
+from rayhooks.storage import Storage
+from rayhooks.writer import BackgroundWriter, background_error
 
 logger = logging.getLogger("rayhooks")
 
@@ -57,12 +59,39 @@ class WorkerAgent(SessionRunHook):
         self._aborted = False
         self._preempted = False
         self._preemption_reported = False
+        self._failed = []
+        self.failed_saves = 0
+        self.retries = 0
         ck = spec.checkpoint
         self.writes = ck is not None and (worker_index == 0 or ck.all_workers_write)
         self._writer = None
         if self.writes:
             self._writer = BackgroundWriter("checkpoint shard of worker %d" % worker_index,
                                             ck.max_in_flight, ck.max_in_flight_bytes)
+            # This worker's own view of the store, so that its retries are counted here.
+            storage = ck.store.storage
+            self._store = CheckpointStore(Storage(storage.url, storage.storage_options, storage.retry,
+                                                  on_retry=self._count_retry),
+                                          ck.store.basename, ck.store.retention)
+
+    def _count_retry(self, url, exc):
+        self.retries += 1
+
+    def _check_writer(self) -> bool:
+        """A failed background save: raised (on_write_error='raise'), or counted, reported and trained past."""
+        failure = self._writer.take_error()
+        if failure is None:
+            return False
+        step, exc = failure
+        error = background_error(self._writer.what, step, exc)
+        if self.spec.checkpoint.on_write_error == "raise":
+            raise error from exc
+        self.failed_saves += 1
+        self._failed.append(step)
+        self._next_report = 0.0
+        logger.error("%s; training goes on and the next save retries (on_write_error='retry_next_save', "
+                     "%d failed so far)", error, self.failed_saves)
+        return True
 
     def preempt(self) -> None:
         """Called from a SIGTERM handler: only flags, acted on at the next step boundary."""
@@ -141,25 +170,31 @@ class WorkerAgent(SessionRunHook):
     def _save(self, session, step, final=False):
         ck = self.spec.checkpoint
         writer = self._writer
-        writer.raise_if_failed()
+        self._check_writer()
         estimate = getattr(self, "_last_nbytes", 0)
         # The final save waits for room even with in_flight="skip", as AsyncCheckpointSaverHook.end
         # does: skipping it would end the run on an older checkpoint than its last step.
         if not writer.admit(estimate, wait=final or not ck.asynchronous or ck.in_flight == "wait"):
             self._skipped.append(step)
             return
+        started = time.perf_counter()
         snapshot = session.saver.snapshot()
+        stall = time.perf_counter() - started
         self._last_nbytes = snapshot.nbytes
-        store, index = ck.store, self.worker_index
+        store, index = self._store, self.worker_index
         shard_prefix = None if index == 0 else "%s.worker%d" % (store.prefix_for(step), index)
 
         def persist():
+            began = time.perf_counter()
             try:
-                files = store.write_data(step, snapshot.tensors, prefix=shard_prefix)
+                files = store.write_data(step, snapshot.tensors, prefix=shard_prefix, on_bytes=writer.advance)
             finally:
                 snapshot.done()
+            health = {"stall_ms": 1e3 * stall, "persist_secs": time.perf_counter() - began,
+                      "bytes": sum(f["bytes"] for f in files.values()), "retries": self.retries,
+                      "failed_saves": self.failed_saves}
             with self._lock:
-                self._shards.append((step, index, files))
+                self._shards.append((step, index, files, health))
             self._next_report = 0.0
             return files
 
@@ -168,17 +203,21 @@ class WorkerAgent(SessionRunHook):
             try:
                 future.result()
             except BaseException:
-                writer.raise_if_failed()
-                raise
+                if not self._check_writer():  # raises under on_write_error='raise'
+                    raise
 
     def flush_report(self, step, wait=False, preempted=False) -> None:
+        if self._writer is not None and self._writer.failed:
+            self._check_writer()
         with self._lock:
             shards, self._shards = self._shards, []
+        failed, self._failed = tuple(self._failed), []
         outputs, self._outputs = self._outputs, {}
         skipped, self._skipped = self._skipped, []
         stop, self._stop_requested = self._stop_requested, False
         metrics = _scalar_metrics(self._session.outputs) if self.worker_index == 0 else {}
-        args = (self.worker_index, step, time.time(), outputs, shards, metrics, stop, tuple(skipped), preempted)
+        args = (self.worker_index, step, time.time(), outputs, shards, metrics, stop, tuple(skipped), preempted,
+                failed)
         if wait:
             self._transport.report_and_wait(*args)
         else:
@@ -196,6 +235,9 @@ class WorkerAgent(SessionRunHook):
             if action.kind == CHECKPOINT and self.writes:
                 self._save(session, step, final=True)
         if self._writer is not None:
+            self._writer.wait_idle_with_progress("worker %d: uploading checkpoints to %s"
+                                                 % (self.worker_index, self._store.url))
+            self._check_writer()
             self._writer.close()
         self.flush_report(step, wait=True)  # the chief has every shard before the driver asks it to finish
 

@@ -16,6 +16,8 @@ import logging
 import threading
 from typing import Callable, Optional
 
+from rayhooks import progress
+
 logger = logging.getLogger("rayhooks")
 
 
@@ -37,6 +39,8 @@ class BackgroundWriter:
         self._error = None
         self.completed = collections.deque()   # (step, result), appended by the writer thread
         self.peak_in_flight_bytes = 0
+        self._unwritten = 0        # bytes of submitted snapshots not yet written, for progress bars
+        self._job_written = 0
 
     def _fits(self, nbytes: int) -> bool:
         if self._in_flight == 0:
@@ -80,9 +84,19 @@ class BackgroundWriter:
         """Runs `job` in the background; `admit(nbytes, ...)` must have returned True."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rayhooks-writer")
+        with self._cond:
+            self._unwritten += nbytes
         return self._executor.submit(self._run, step, nbytes, job)
 
+    def advance(self, nbytes: int) -> None:
+        """Called by a job as its bytes go out: what progress bars count."""
+        with self._cond:
+            self._job_written += nbytes
+            self._unwritten -= nbytes
+
     def _run(self, step, nbytes, job):
+        with self._cond:
+            self._job_written = 0
         try:
             result = job()
             self.completed.append((step, result))
@@ -95,14 +109,24 @@ class BackgroundWriter:
             raise
         finally:
             with self._cond:
+                self._unwritten -= max(0, nbytes - self._job_written)
                 self._in_flight -= 1
                 self._in_flight_bytes -= nbytes
                 self._cond.notify_all()
 
-    def raise_if_failed(self) -> None:
-        """Raises the stored background error, once."""
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def take_error(self):
+        """The stored background failure as (step, exception), once; None if there is none."""
         with self._cond:
             failure, self._error = self._error, None
+        return failure
+
+    def raise_if_failed(self) -> None:
+        """Raises the stored background error, once."""
+        failure = self.take_error()
         if failure is not None:
             step, exc = failure
             raise background_error(self.what, step, exc) from exc
@@ -110,6 +134,24 @@ class BackgroundWriter:
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def wait_idle_with_progress(self, desc: str, file=None) -> None:
+        """Waits for every job; a wait longer than a second shows a bar of the bytes left to write."""
+        if self.wait_idle(progress.DELAY_SECS):
+            return
+        with self._cond:
+            total = self._unwritten
+        bar = progress.byte_bar(desc, total, file=file, delay=0)
+        try:
+            done = 0
+            while not self.wait_idle(0.2):  # wakes early when the writer goes idle; refreshes the bar
+                with self._cond:
+                    now = max(0, total - self._unwritten)
+                bar.update(now - done)
+                done = now
+            bar.update(total - done)
+        finally:
+            bar.close()
 
     def close(self) -> None:
         """Waits for every job, then raises a stored error, if any."""

@@ -524,3 +524,63 @@ def test_numpy_state_session_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- 9. a save that cannot be written ----------------------------------------------------------
+
+def _block_step(ckpt_dir, step):
+    """A directory where step's data file must go: the write fails for real (IsADirectoryError), at once."""
+    os.makedirs(os.path.join(ckpt_dir[len("file://"):], "model.ckpt-%d.data-00000-of-00001" % step))
+
+
+def _checkpoint_scalars(ckpt_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(ckpt_dir[len("file://"):])
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)}
+            for tag in events.Tags()["scalars"] if tag.startswith("checkpoint/")}
+
+
+@pytest.mark.parametrize("hook_class", [rh.CheckpointSaverHook, rh.AsyncCheckpointSaverHook])
+def test_retry_next_save_under_launch_trains_past_a_failed_save(backend, ckpt_dir, hook_class):
+    _block_step(ckpt_dir, 6)
+    # in_flight="wait": no save is skipped for the previous one still uploading, so the steps are exact.
+    extra = {"in_flight": "wait"} if hook_class is rh.AsyncCheckpointSaverHook else {}
+    result = rh.launch(count_steps, 2, backend=backend,
+                       chief_only_hooks=[hook_class(ckpt_dir, save_steps=2, on_write_error="retry_next_save",
+                                                    retry=rh.RetryPolicy(max_attempts=1), **extra)],
+                       hooks=[rh.StopAtStepHook(last_step=10)])
+    assert result.last_step == 10
+    assert result.checkpoints == [0, 2, 4, 8, 10] and result.failed_saves == 1
+    infos = _committed(ckpt_dir)
+    assert [i.step for i in infos] == [0, 2, 4, 8, 10]
+    for info in infos:
+        np.testing.assert_array_equal(_w(info.url), [info.step, info.step])
+    # The chief's checkpoint health, beside the loss curve: cost of each save, and the failure counted.
+    scalars = _checkpoint_scalars(ckpt_dir)
+    assert scalars["checkpoint/failed_saves"][4] == 0 and scalars["checkpoint/failed_saves"][10] == 1
+    assert set(scalars["checkpoint/bytes"]) == {0, 2, 4, 8, 10}
+    assert all(v > 0 for v in scalars["checkpoint/bytes"].values())
+    assert all(v >= 0 for v in scalars["checkpoint/stall_ms"].values())
+    assert all(v > 0 for v in scalars["checkpoint/persist_secs"].values())
+
+
+def test_raise_under_launch_stops_at_the_failed_save(backend, ckpt_dir):
+    _block_step(ckpt_dir, 6)
+    with pytest.raises(Exception) as failure:
+        rh.launch(count_steps, 2, backend=backend,
+                  chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=2, retry=rh.RetryPolicy(max_attempts=1))],
+                  hooks=[rh.StopAtStepHook(last_step=10)])
+    message = str(failure.value)
+    assert "step=6" in message and "model.ckpt-6.data" in message
+    assert [i.step for i in _committed(ckpt_dir)] == [0, 2, 4]
+
+
+def test_launch_carries_the_hooks_failure_and_signal_policies_to_the_workers(ckpt_dir):
+    import signal
+    from rayhooks.spec import build_spec
+    spec = build_spec([rh.AsyncCheckpointSaverHook(ckpt_dir, save_steps=2, on_write_error="retry_next_save",
+                                                   save_on_signals=(signal.SIGUSR1,))])
+    assert spec.checkpoint.on_write_error == "retry_next_save"
+    assert spec.checkpoint.save_on_signals == (signal.SIGUSR1,)
+    assert build_spec([rh.CheckpointSaverHook(ckpt_dir, save_steps=2)]).checkpoint.on_write_error == "raise"
