@@ -25,6 +25,7 @@ import uuid
 from typing import Callable, Iterable, List, Optional
 
 import fsspec
+import fsspec.callbacks
 
 logger = logging.getLogger("rayhooks")
 
@@ -287,8 +288,10 @@ class Storage:
             except FileNotFoundError:
                 pass
 
-    def get_to_local(self, name: str, local_path: str) -> None:
-        self.call("download", name, self.fs.get_file, self._path(name), local_path)
+    def get_to_local(self, name: str, local_path: str, on_bytes=None) -> None:
+        """Downloads `name`; `on_bytes(n)` hears of the bytes as they arrive."""
+        kwargs = {} if on_bytes is None else {"callback": _BytesCallback(on_bytes)}
+        self.call("download", name, self.fs.get_file, self._path(name), local_path, **kwargs)
 
     def check_writable(self) -> None:
         """Fails now, with the URL and a fix, if this directory cannot be written.
@@ -310,6 +313,24 @@ class Storage:
                                     "the URL is spelled right." % (self.url, e)) from e
         except OSError as e:
             raise OSError("%s is not writable: %s" % (self.url, e)) from e
+
+
+class _BytesCallback(fsspec.callbacks.Callback):
+    """fsspec's transfer callback, forwarding each increment of bytes to `on_bytes`."""
+
+    def __init__(self, on_bytes):
+        super().__init__()
+        self._on_bytes = on_bytes
+
+    def relative_update(self, inc=1):
+        super().relative_update(inc)
+        self._on_bytes(inc)
+
+    def absolute_update(self, value):
+        inc = value - (self.value or 0)
+        super().absolute_update(value)
+        if inc > 0:
+            self._on_bytes(inc)
 
 
 def _protocols(fs) -> tuple:
