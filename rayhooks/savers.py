@@ -203,7 +203,7 @@ def as_saver(state):
 
 
 @contextlib.contextmanager
-def staged_locally(storage, names):
+def staged_locally(storage, names, on_bytes=None):
     """Yields a local directory holding `names` from `storage` (no copy for a local URL)."""
     if storage.is_local:
         yield storage.local_root
@@ -211,7 +211,7 @@ def staged_locally(storage, names):
     tmp = tempfile.mkdtemp(prefix="rayhooks-restore-")
     try:
         for name in names:
-            storage.get_to_local(name, os.path.join(tmp, name))
+            storage.get_to_local(name, os.path.join(tmp, name), on_bytes)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
