@@ -225,7 +225,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._restore_signal_handlers()
         last_step = session.global_step
         if last_step != self._timer.last_triggered_step():
-            self._save(session, last_step)
+            self._save(session, last_step, progress=True)
         self._writer.close()
         self._summary_writer.flush()
         for listener in self._listeners:
@@ -264,7 +264,7 @@ class CheckpointSaverHook(SessionRunHook):
         def persist_and_commit():
             began = time.perf_counter()
             try:
-                files = store.write_data(step, snapshot.tensors)
+                files = store.write_data(step, snapshot.tensors, on_bytes=writer.advance)
                 persisted = time.perf_counter() - began
                 info = store.commit(step, files)
             finally:
@@ -277,10 +277,15 @@ class CheckpointSaverHook(SessionRunHook):
 
         return writer.submit(step, estimate, persist_and_commit)
 
-    def _save(self, session, step):
-        """Saves `step` and waits until it is committed; True if a listener asked to stop."""
+    def _save(self, session, step, progress=False):
+        """Saves `step` and waits until it is committed; True if a listener asked to stop.
+
+        With `progress` (the final save), a wait over a second shows a bar of the bytes left.
+        """
         logger.info("[step=%d] Saving checkpoints for %d into %s.", step, step, self._save_path)
         future = self._snapshot_and_submit(session, step, wait=True)
+        if progress:
+            self._wait_for_uploads()
         try:
             info = future.result()
         except Exception:
@@ -289,6 +294,9 @@ class CheckpointSaverHook(SessionRunHook):
             return False
         self._writer.completed.clear()
         return self._after_commit(session, step, info)
+
+    def _wait_for_uploads(self):
+        self._writer.wait_idle_with_progress("uploading checkpoints to %s" % self.store.url)
 
     def _count_retry(self, url, exc):
         self.retries += 1
@@ -398,11 +406,11 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
 
     def end(self, session):
         self._restore_signal_handlers()
-        self._writer.wait_idle()
+        self._wait_for_uploads()
         self._dispatch_completed(session)
         last_step = session.global_step
         if last_step != self._last_checkpoint_step:
-            CheckpointSaverHook._save(self, session, last_step)
+            CheckpointSaverHook._save(self, session, last_step, progress=True)
         self._writer.close()
         self._summary_writer.flush()
         for listener in self._listeners:
