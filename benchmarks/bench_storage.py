@@ -274,17 +274,17 @@ def measure_commit(asynchronous, size, saves, tmp, step_secs):
     persist, commit = {}, {}
     real_write, real_commit = store.write_data, store.commit
 
-    def write_data(step_no, tensors, prefix=None):
+    def write_data(step_no, tensors, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return real_write(step_no, tensors, prefix)
+            return real_write(step_no, tensors, *args, **kwargs)
         finally:
             persist[step_no] = time.perf_counter() - started
 
-    def commit_(step_no, files, extra=None):
+    def commit_(step_no, files, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return real_commit(step_no, files, extra)
+            return real_commit(step_no, files, *args, **kwargs)
         finally:
             commit[step_no] = time.perf_counter() - started
 
