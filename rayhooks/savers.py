@@ -16,12 +16,20 @@ without TensorFlow; it writes the same TF file format.
 Snapshot buffers are pooled: the host copy of a 512 MB state goes into
 buffers that were already paged in by the previous save, which is what keeps
 the stall near a plain `memcpy`.
+
+`TrackableSaver` also keeps what TF's gather step found (the object graph
+proto, the checkpoint keys, which variables to read) in a `_SnapshotPlan`, as
+long as the object graph keeps its shape: every save walks the graph (nodes,
+named edges, optimizer slot variables, compared by identity) and gathers again
+only when something changed. Gathering costs about 1 ms and ~0.1 ms of eager
+ops per variable, which on a 64 MB state is most of the gap to the `memcpy`.
 """
 
 import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from typing import Callable, Dict, Mapping, Optional
@@ -78,6 +86,25 @@ def _read_in_place(trackable, key):
     return read()
 
 
+def _resolve(trackable, key, value):
+    """The tensor behind one entry of TF's gather: a SaveSpec or callable is read now."""
+    from tensorflow.python.training.saving.saveable_object import SaveSpec
+    if isinstance(value, Mapping):
+        raise ValueError("tensor %r is partitioned (slice specs %s); rayhooks saves whole "
+                         "tensors only" % (key, sorted(value)))
+    if isinstance(value, SaveSpec):
+        # TF would read the variable through an identity op (a full
+        # copy); a plain variable is read in place instead, and
+        # `_host_copy` makes the one copy into a pooled buffer.
+        # (`value.tensor` is a property that runs the read: touch it
+        # only when the in-place read does not apply.)
+        direct = _read_in_place(trackable, key)
+        return value.tensor if direct is None else direct
+    if callable(value):
+        return value()
+    return value
+
+
 def _host_copy(value, pool: _BufferPool, pool_key, taken: list):
     """Copies one value into a pooled host buffer; strings stay Python objects."""
     if isinstance(value, (bytes, str)):
@@ -92,6 +119,11 @@ def _host_copy(value, pool: _BufferPool, pool_key, taken: list):
         else:
             # `.numpy()` would copy; `_numpy()` is a view of the CPU buffer, copied once below.
             arr = value._numpy() if hasattr(value, "_numpy") else value.numpy()
+    if isinstance(arr, bytes):
+        # TF gives a scalar string tensor as bytes. np.asarray would make it a fixed-width
+        # "S" array, whose items drop trailing NUL bytes: a serialized object graph
+        # ending in an empty submessage (b"...\x2a\x00") would be written truncated.
+        return np.array(arr, dtype=object), len(arr)
     arr = np.asarray(arr)
     if arr.dtype == object:
         return arr.copy(), int(sum(len(x) for x in arr.ravel()))
@@ -145,16 +177,49 @@ class TrackableSaver:
         else:
             self.checkpoint = tf.train.Checkpoint(root=state)
         self._pool = _BufferPool()
+        self._plan: Optional[_SnapshotPlan] = None
+        self._one = None  # the constant 1 added to save_counter
 
     def snapshot(self) -> Snapshot:
         saver = self.checkpoint._saver  # TF keeps the gather step private; it is stable since TF 2.10
-        from tensorflow.python.training.saving.saveable_object import SaveSpec
         # Like tf.train.Checkpoint.save (a numbered checkpoint): count the save in
         # `save_counter`, so plain TF's restore(...).assert_existing_objects_matched() holds.
+        # (Before the graph is walked: the first save creates the counter.)
         create_counter = getattr(self.checkpoint, "_maybe_create_save_counter", None)
         if create_counter is not None:
             create_counter()
-            self.checkpoint.save_counter.assign_add(1)
+            self._count_save(self.checkpoint.save_counter)
+        if not _plan_applies(saver):
+            self._plan = None
+            return self._gather(saver, self._pool)[0]
+        nodes, edges = _walk(saver._graph_view)
+        plan = self._plan
+        if plan is not None and plan.fits(nodes, edges):
+            if plan.steps is None:  # a graph TF gathers in a way the plan cannot replay
+                return self._gather(saver, self._pool)[0]
+            snapshot = plan.snapshot(self._pool)
+            if snapshot is not None:
+                return snapshot
+        owners = tuple(i for i, node in enumerate(nodes) if _owns_slots(node))
+        slots = _slot_variables(nodes, owners)
+        snapshot, serialized = self._gather(saver, self._pool)
+        self._plan = _SnapshotPlan.build(saver, nodes, edges, owners, slots, serialized)
+        return snapshot
+
+    def _count_save(self, counter) -> None:
+        from tensorflow.python.ops import gen_resource_variable_ops, resource_variable_ops
+        if type(counter) is not resource_variable_ops.ResourceVariable:  # e.g. a distributed variable
+            counter.assign_add(1, read_value=False)
+            return
+        if self._one is None or self._one.dtype != counter.dtype:
+            import tensorflow as tf
+            self._one = tf.constant(1, counter.dtype)
+        # What assign_add runs, without its Python layers (~50 us a save).
+        gen_resource_variable_ops.assign_add_variable_op(counter.handle, self._one)
+
+    @staticmethod
+    def _gather(saver, pool):
+        """A snapshot through TF's own gather step; also returns what the gather found."""
         serialized, _, registered, _ = saver._gather_serialized_tensors(None)
         if registered:
             raise ValueError("state uses TF registered savers (%s), which rayhooks cannot snapshot; "
@@ -163,29 +228,272 @@ class TrackableSaver:
         tensors, nbytes, taken = {}, 0, {}
         for trackable, per_object in serialized.items():
             for key, value in per_object.items():
-                if isinstance(value, Mapping):
-                    raise ValueError("tensor %r is partitioned (slice specs %s); rayhooks saves whole "
-                                     "tensors only" % (key, sorted(value)))
-                if isinstance(value, SaveSpec):
-                    # TF would read the variable through an identity op (a full
-                    # copy); a plain variable is read in place instead, and
-                    # `_host_copy` makes the one copy into a pooled buffer.
-                    # (`value.tensor` is a property that runs the read: touch it
-                    # only when the in-place read does not apply.)
-                    direct = _read_in_place(trackable, key)
-                    value = value.tensor if direct is None else direct
-                elif callable(value):
-                    value = value()
                 bufs = taken.setdefault(key, [])
-                tensors[key], n = _host_copy(value, self._pool, key, bufs)
+                tensors[key], n = _host_copy(_resolve(trackable, key, value), pool, key, bufs)
                 nbytes += n
-        return Snapshot(tensors, nbytes, lambda: [self._pool.give(k, v) for k, v in taken.items()])
+        return Snapshot(tensors, nbytes, lambda: [pool.give(k, v) for k, v in taken.items()]), serialized
 
     def restore(self, checkpoint) -> None:
         # TF restores some variables later, when they are created (optimizer slots on the
         # first step), from the same files: a downloaded copy must outlive this call.
         self._staged = checkpoint.local_copy()
         self.checkpoint.restore(self._staged.prefix).expect_partial()
+
+
+# -- the snapshot plan: TF's gather step, kept while the object graph keeps its shape --
+
+_READ, _CALL, _LEGACY, _CONSTANT = "read", "call", "legacy", "constant"
+
+
+def _plan_applies(saver) -> bool:
+    """Whether `saver` gathers the way `_SnapshotPlan` replays: eagerly, with no TF-side caches or object map."""
+    from tensorflow.python.eager import context
+    return (context.executing_eagerly() and getattr(saver, "_cache", None) is None
+            and getattr(saver, "_saveables_cache", None) is None and not getattr(saver, "_object_map", None)
+            and hasattr(saver, "_graph_view"))
+
+
+def _walk(graph_view):
+    """The trackables in the order TF's breadth-first traversal numbers them, and every named edge.
+
+    Mirrors `TrackableView._descendants_with_paths` (same children, same order),
+    keeping the edges too: a second name for an object already seen changes the
+    object graph proto without adding a node.
+    """
+    root = graph_view.root
+    nodes, index, edges = [root], {id(root): 0}, []
+    i = 0
+    while i < len(nodes):
+        row = []
+        for name, child in graph_view.children(nodes[i]).items():
+            j = index.get(id(child))
+            if j is None:
+                j = index[id(child)] = len(nodes)
+                nodes.append(child)
+            row.append((name, j))
+        edges.append(tuple(row))
+        i += 1
+    return nodes, tuple(edges)
+
+
+def _owns_slots(trackable) -> bool:
+    # TF's test (checkpoint/util.py serialize_slot_variables): dir(), not hasattr(),
+    # so a custom __getattr__ is not run.
+    return "get_slot_names" in dir(trackable)
+
+
+def _slot_variables(nodes, owners):
+    """[(owner index, slot name, variable index, slot variable)], in the order TF numbers them."""
+    found = []
+    for o in owners:
+        owner = nodes[o]
+        for slot_name in owner.get_slot_names():
+            for v, original in enumerate(nodes):
+                try:
+                    slot = owner.get_slot(original, slot_name)
+                except (AttributeError, KeyError):
+                    slot = None
+                if slot is not None:
+                    found.append((o, slot_name, v, slot))
+    return found
+
+
+def _slot_ids(slots):
+    return [(o, name, v, id(slot)) for o, name, v, slot in slots]
+
+
+def _reads_in_place(trackable, key, value) -> bool:
+    """A CPU `tf.Variable` whose only tensor is its value: read with two eager ops, no TF wrappers."""
+    from tensorflow.python.ops import resource_variable_ops
+    from tensorflow.python.training.saving.saveable_object import SaveSpec
+    base = resource_variable_ops.BaseResourceVariable
+    if not isinstance(trackable, base) or type(trackable)._serialize_to_tensors is not base._serialize_to_tensors \
+            or "_serialize_to_tensors" in getattr(trackable, "__dict__", {}):
+        return False
+    if not isinstance(value, SaveSpec) or not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):
+        return False
+    if trackable.dtype.name in ("variant", "resource"):
+        return False
+    return "CPU" in (getattr(trackable, "device", "") or "").upper()
+
+
+_SMALL_BYTES = 64 << 10  # copied in about the time of one eager op (~25 us)
+
+
+def _is_large(variable) -> bool:
+    """Whether a variable may hold more than `_SMALL_BYTES` (unknown shapes and strings, size 0, may)."""
+    shape, itemsize = variable.shape, variable.dtype.size
+    return not shape.is_fully_defined() or itemsize == 0 or shape.num_elements() * itemsize > _SMALL_BYTES
+
+
+def _keras_inner_variable(trackable):
+    """The tf.Variable inside a Keras 3 variable (TensorFlow backend), or None.
+
+    Such a variable checkpoints as `self.value._serialize_to_tensors()`: the
+    inner tf.Variable's. Keras is not imported here; if it is not loaded, the
+    state holds no Keras variable.
+    """
+    core = sys.modules.get("keras.src.backend.tensorflow.core")
+    cls = getattr(core, "Variable", None)
+    if cls is None or not isinstance(trackable, cls) or "_serialize_to_tensors" in vars(trackable) \
+            or type(trackable)._serialize_to_tensors is not cls._serialize_to_tensors:
+        return None
+    from tensorflow.python.ops import resource_variable_ops
+    inner = trackable.value
+    return inner if isinstance(inner, resource_variable_ops.BaseResourceVariable) else None
+
+
+def _never_has_tensors(trackable) -> bool:
+    """A legacy trackable (no `_serialize_to_tensors`) that can never give a tensor: a container."""
+    from tensorflow.python.checkpoint import saveable_compat
+    from tensorflow.python.trackable import base
+    from tensorflow.python.training.saving import saveable_object_util
+    if saveable_object_util.trackable_has_serialize_to_tensor(trackable) \
+            or saveable_compat.get_saveable_name(trackable):
+        return False
+    gather = "_gather_saveables_for_checkpoint"
+    return getattr(type(trackable), gather, None) is getattr(base.Trackable, gather) \
+        and gather not in getattr(trackable, "__dict__", {})
+
+
+class _SnapshotPlan:
+    """What one TF gather of the object graph found, replayed while the graph keeps its shape.
+
+    The shape is what the object graph proto and the checkpoint keys are made
+    of: the trackables in TF's traversal order, the named edges between them and
+    the optimizers' slot variables, all compared by identity. The plan holds
+    strong references to those objects, so an id it compares cannot be reused
+    by a new object while the plan lives.
+
+    Each save then does only the reads: a CPU `tf.Variable` (or the one inside a
+    Keras variable) with at most two eager ops (`DisableCopyOnRead`,
+    `ReadVariableOp`, whose result aliases the variable's buffer), copied
+    straight into a pooled buffer; any other trackable through its own
+    `_serialize_to_tensors` (a TF1-style one through the SaveableObjects TF makes
+    for it), checked to give the keys it gave before, else TF gathers again.
+    """
+
+    def __init__(self, nodes, edges, owners, slots, steps):
+        self.nodes = nodes
+        self.ids = tuple(map(id, nodes))
+        self.edges = edges
+        self.owners = owners
+        self.slots = slots
+        self.slot_ids = _slot_ids(slots)
+        self.steps = steps  # [(kind, key or trackable data, what)], in TF's order; None: gather every time
+
+    def fits(self, nodes, edges) -> bool:
+        """Whether the graph still has the shape the plan was made for."""
+        if tuple(map(id, nodes)) != self.ids or edges != self.edges:
+            return False
+        return _slot_ids(_slot_variables(nodes, self.owners)) == self.slot_ids
+
+    @classmethod
+    def build(cls, saver, nodes, edges, owners, slots, serialized):
+        """The plan for a graph TF just gathered; one with no steps where it cannot be replayed."""
+        from tensorflow.python.checkpoint import save_util, saveable_compat
+        from tensorflow.python.trackable import python_state
+        from tensorflow.python.training.saving import saveable_object_util
+        from tensorflow.python.util import object_identity
+
+        def unplanned():
+            return cls(nodes, edges, owners, slots, None)
+
+        helpers = ("_gather_trackable_data", "_get_tensors_from_trackable", "_get_tensors_from_legacy_saveable")
+        if not all(hasattr(save_util, name) for name in helpers):
+            return unplanned()  # a TF whose private gather helpers moved: gather every time
+        data, _ = save_util._gather_trackable_data(saver._graph_view, saver._object_map)
+        walked = list(nodes) + [slot for _, _, _, slot in slots]
+        if len(data) != len(walked) or any(td.trackable is not node for td, node in zip(data, walked)):
+            return unplanned()  # TF numbers the graph differently than `_walk`: do not guess
+        by_object = object_identity.ObjectIdentityDictionary()
+        for trackable, per_object in serialized.items():
+            if isinstance(trackable, saveable_object_util.SaveableCompatibilityConverter):
+                trackable = getattr(trackable, "_obj", None)  # a legacy saveable's tensors, by its object
+            if trackable is not None:
+                by_object[trackable] = per_object
+        steps, python_steps = [], []
+        for td in data:
+            obj = td.object_to_save
+            if _never_has_tensors(obj):
+                continue
+            if obj not in by_object:
+                return unplanned()
+            per_object = by_object[obj]
+            if not saveable_object_util.trackable_has_serialize_to_tensor(obj) \
+                    or saveable_compat.get_saveable_name(obj):
+                steps.append((_LEGACY, td, tuple(per_object)))  # as TF: SaveableObjects, made again per save
+                continue
+            if len(per_object) == 1:
+                (key, value), = per_object.items()
+                inner = _keras_inner_variable(obj)
+                holder, variable = (None, obj) if inner is None else (obj, inner)
+                if _reads_in_place(variable, key, value):
+                    steps.append((_READ, key, (holder, variable, variable.handle, variable.dtype,
+                                               _is_large(variable))))
+                    continue
+            step = (_CALL, td, tuple(per_object))
+            (python_steps if isinstance(obj, python_state.PythonState) else steps).append(step)
+        steps += python_steps  # TF gathers Python state after the tensors (save_util.serialize_graph_view)
+        graph = serialized.get(None, {})
+        if len(graph) != 1:
+            return unplanned()
+        (graph_key, graph_tensor), = graph.items()
+        steps.append((_CONSTANT, graph_key, graph_tensor.numpy()))
+        planned = [key for kind, a, b in steps for key in (b if kind in (_CALL, _LEGACY) else (a,))]
+        if planned != [key for per_object in serialized.values() for key in per_object]:
+            return unplanned()  # the replay would not write what TF wrote, in TF's order
+        return cls(nodes, edges, owners, slots, steps)
+
+    def snapshot(self, pool: _BufferPool) -> Optional[Snapshot]:
+        """A snapshot by the plan; None when a trackable's keys changed (the caller gathers again)."""
+        from tensorflow.python.checkpoint import save_util
+        from tensorflow.python.ops import gen_resource_variable_ops
+        called = {}
+        for kind, a, b in self.steps:
+            if kind == _CALL:
+                trackable, got = a.object_to_save, save_util._get_tensors_from_trackable(a, None, None)
+            elif kind == _LEGACY:
+                trackable, got = save_util._get_tensors_from_legacy_saveable(a, None, None, None)
+            elif kind == _READ and b[0] is not None and b[0].value is not b[1]:
+                return None  # a Keras variable now holds another tf.Variable
+            else:
+                continue
+            if tuple(got) != b:
+                return None
+            called[id(a)] = trackable, got
+        # Every read first, every copy after: an eager op right after a copy of a few
+        # MB finds its code and data evicted from the CPU caches and takes 3-5x longer.
+        # The reads alias the variables' buffers, so holding them all costs no memory.
+        read = {}
+        for kind, key, source in self.steps:
+            if kind == _READ:
+                _, _, handle, dtype, large = source
+                if large:
+                    # Sparse updates (scatter ops) put a variable in copy-on-read mode, where
+                    # ReadVariableOp copies; leave it, so the read aliases the buffer (TF's
+                    # read_value_no_copy does the same, with four more ops around it). For a
+                    # small variable that copy costs less than the op that avoids it.
+                    gen_resource_variable_ops.disable_copy_on_read(handle)
+                read[key] = gen_resource_variable_ops.read_variable_op(handle, dtype)
+        tensors, nbytes, taken = {}, 0, {}
+        for kind, a, b in self.steps:
+            if kind == _READ:
+                items = ((a, read.pop(a)),)
+            elif kind == _CONSTANT:
+                tensors[a] = np.array(b, dtype=object)
+                nbytes += len(b)
+                continue
+            else:
+                trackable, got = called[id(a)]
+                items = got.items()
+            for key, value in items:
+                if kind != _READ:
+                    value = _resolve(trackable, key, value)
+                bufs = taken.setdefault(key, [])
+                tensors[key], n = _host_copy(value, pool, key, bufs)
+                nbytes += n
+        return Snapshot(tensors, nbytes, lambda: [pool.give(k, v) for k, v in taken.items()])
 
 
 def as_saver(state):
