@@ -18,13 +18,22 @@ Scenarios (the mechanics of tests/test_faults_local.py and tests/test_recovery.p
    restarts the chief, which rebuilds itself from storage.
 5. ``ray-worker-sigterm``: SIGTERM to worker 1's process (a preemption): an
    emergency checkpoint on every worker's common step, then a new worker group.
+6. ``gcs-mid-upload``: the GCS server is stopped while a 32 MB checkpoint is
+   provably half uploaded (a loopback proxy, tests/tcp_proxy.py's
+   `HoldingProxy`, holds gcsfs's bytes once 8 MB of the data file went up),
+   then started again either at once (gcsfs's retries finish the upload, which commits)
+   or only once the upload gave up (`on_write_error="retry_next_save"`: the
+   next save commits). Every repeat is "back at once"; one more run, after
+   them, is "gave up" (gcsfs spends about 60 s in its own retries first).
 
 What each column counts:
 
-* faults injected: one per repeat.
+* faults injected: one per repeat (``gcs-mid-upload``: one per repeat, plus
+  its one "gave up" run).
 * faults survived: the run finished at its last step with the right values
   (every step adds 1 to every element of ``w``, so the state after step S is
-  S) and the fault took effect (a recovery, a failed save, a restarted chief).
+  S) and the fault took effect (a recovery, a failed save, a restarted chief,
+  a held upload committed or given up).
 * checkpoints lost: committed checkpoints (every step named by an
   ``after_save``, by the run's result, seen by the poller, or listed at the
   end; retention is off, ``max_to_keep=None``, so every one must still be
@@ -74,7 +83,8 @@ from rayhooks.formats import state_file  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "faults.md")
 
-SCENARIOS = ("local-sigterm", "gcs-outage", "ray-worker-kill", "ray-chief-crash", "ray-worker-sigterm")
+SCENARIOS = ("local-sigterm", "gcs-outage", "ray-worker-kill", "ray-chief-crash", "ray-worker-sigterm",
+             "gcs-mid-upload")
 
 TITLES = {
     "local-sigterm": "1. SIGTERM to a local training process",
@@ -82,6 +92,7 @@ TITLES = {
     "ray-worker-kill": "3. Ray worker actor killed (max_failures=1)",
     "ray-chief-crash": "4. Ray chief actor crashes (os._exit)",
     "ray-worker-sigterm": "5. Ray worker SIGTERM (preemption)",
+    "gcs-mid-upload": "6. GCS server stopped mid-upload, restarted",
 }
 
 RESUMED = {
@@ -106,6 +117,14 @@ RESUMED = {
                           "`time.time()` just before `os.kill(worker 1's pid, SIGTERM)` to the `time.time()` "
                           "that worker 0 of the new group records after its first step (the emergency "
                           "checkpoint's step + 1).",
+    "gcs-mid-upload": "server stop -> next committed checkpoint: from `time.time()` just before the emulator "
+                      "is stopped (the held upload is provably in progress) to the first `after_save` after "
+                      "that (at most one step late). Back at once, that commit is the held checkpoint itself, "
+                      "its upload finished by gcsfs's retries once the server answers again (the restart itself takes "
+                      "well under 1 s; gcsfs's backoff before it retries, and the rest of the upload, the "
+                      "rest). The summary's column is those repeats; the \"gave up\" run's time, in Other and "
+                      "per repeat, runs to the first save committed after the restart and is mostly gcsfs's "
+                      "own retries of the held upload (about 60 s) before it fails.",
 }
 
 
@@ -131,6 +150,22 @@ SETUP = {
     "ray-worker-sigterm": "- 5: `rh.launch(train_fn, 2, backend=\"ray\", max_failures=1, tf_config=False)`, "
                           "`CheckpointSaverHook(save_steps=50)`, 5 ms busy steps, last step 200; a chief listener "
                           "sends SIGTERM to worker 1's process at `after_save(50)`.",
+    "gcs-mid-upload": "- 6: `AsyncCheckpointSaverHook(save_steps=20, on_write_error=\"retry_next_save\", "
+                      "retry=RetryPolicy(max_attempts=1), max_to_keep=None)` (in_flight=\"skip\", TF1's: "
+                      "training never waits for storage) to gs:// on gcp-storage-emulator (with a data dir) "
+                      "through tests/tcp_proxy.py's `HoldingProxy`, a 32 MB state (the data file goes up in "
+                      "several 5 MB chunks of a resumable upload), 10 ms steps (a sleep) in this process. The "
+                      "first save after 2 commits arms the proxy in its `before_save`; once 8 MB more went up "
+                      "(of that save's data file: it is written first) the proxy holds gcsfs's bytes, the "
+                      "server is stopped, the proxy released (the held bytes go on to no server), and the "
+                      "server started again on the same port: at "
+                      "once (every repeat), or once the upload has failed (one more run). The run ends 2 "
+                      "commits after the stop. The poller reads the server directly, not through the proxy "
+                      "(its reads are never held); it verifies each distinct checkpoint it sees named as latest "
+                      "in full (crc32c of every file, 0.2 s for 32 MB) once, and on later polls that its files "
+                      "are still listed with their sizes. In the \"gave up\" run its reads wait in gcsfs's "
+                      "retries while the server is gone (a read that fails counts as unavailable), hence its "
+                      "few polls there. Faults injected: one per repeat, plus the \"gave up\" run.",
 }
 
 RAY_NOTE = ("Ray scenarios share one `ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)`; each "
@@ -414,13 +449,17 @@ def scenario_local_sigterm(repeats=3, workdir=None, signal_at=60, last_step=150,
 
 # -- 2. the GCS server stops mid-run and comes back --------------------------------------------------------
 
-def _gcs_emulator_class():
-    """tests/gcs_emulator.py's `GcsEmulator` (a real gcp-storage-emulator on a free loopback port)."""
-    path = os.path.join(REPO_ROOT, "tests", "gcs_emulator.py")
-    spec = importlib.util.spec_from_file_location("rayhooks_faults_gcs_emulator", path)
+def _tests_module(filename, name):
+    """tests/<filename> executed as a module named `name` (tests/ is no package; not put in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tests", filename))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.GcsEmulator
+    return module
+
+
+def _gcs_emulator_class():
+    """tests/gcs_emulator.py's `GcsEmulator` (a real gcp-storage-emulator on a free loopback port)."""
+    return _tests_module("gcs_emulator.py", "rayhooks_faults_gcs_emulator").GcsEmulator
 
 
 class _Commits(rh.CheckpointSaverListener):
@@ -553,6 +592,224 @@ def _gcs_repeat(result, emulator, stop_after_commit, save_steps, step_secs, afte
     except Exception:
         result.failed(traceback.format_exc(), poller)
     finally:
+        try:
+            rh.SummaryWriterCache.clear()  # this run's event files, while the server runs
+        except Exception:
+            pass
+
+
+# -- 6. the GCS server stops in the middle of an upload and comes back ------------------------------------
+
+def _holding_proxy_class():
+    """tests/tcp_proxy.py's `HoldingProxy` (a loopback proxy that can hold an upload half-way).
+
+    tcp_proxy.py imports `gcs_emulator` by its plain name (pytest puts tests/ on sys.path); outside
+    pytest that name is lent to tests/gcs_emulator.py, loaded as `_gcs_emulator_class` loads it, only
+    while tcp_proxy.py is executed.
+    """
+    lent = "gcs_emulator" not in sys.modules
+    if lent:
+        sys.modules["gcs_emulator"] = _tests_module("gcs_emulator.py", "gcs_emulator")
+    try:
+        module = _tests_module("tcp_proxy.py", "rayhooks_faults_tcp_proxy")
+    finally:
+        if lent:
+            sys.modules.pop("gcs_emulator", None)
+    return module.HoldingProxy
+
+
+class _OncePerCheckpointPoller(LatestPoller):
+    """`LatestPoller` for checkpoints too big to checksum every few ms (32 MB, twice a poll).
+
+    Each distinct checkpoint named as latest (by the state file or `store.latest()`) is verified in
+    full, crc32c of every file, the first time it is seen; on later polls its files must still be
+    there with the sizes its manifest gives. Anything else is a torn latest, as in `LatestPoller`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verified = set()
+        self.full_verifies = 0
+        verify = self.store.verify
+
+        def verify_once(info, on_bytes=None):
+            key = (info.prefix, json.dumps(info.files, sort_keys=True))
+            if key not in self.verified:
+                self.full_verifies += 1
+                problems = verify(info, on_bytes)
+                if not problems:
+                    self.verified.add(key)
+                return problems
+            problems = []
+            present = set(self.storage.listdir())  # a fresh listing: the sizes below come from it
+            for name, meta in sorted(info.files.items()):
+                if name not in present:
+                    problems.append("%s is missing" % self.storage.url_of(name))
+                    continue
+                size = self.storage.size(name)
+                if size != meta["bytes"]:
+                    problems.append("%s: expected %d bytes, found %d" % (self.storage.url_of(name),
+                                                                          meta["bytes"], size))
+            return problems
+        self.store.verify = verify_once
+
+
+def scenario_gcs_mid_upload(repeats=3, workdir=None, gave_up_runs=1, state_floats=8 << 20, hold_bytes=8 << 20,
+                            save_steps=20, step_secs=0.01, commits_before=2, commits_after=2,
+                            upload_timeout=240.0) -> ScenarioResult:
+    """The server stops while the data file of a `4 * state_floats`-byte checkpoint is `hold_bytes` up.
+
+    `repeats` runs bring it back at once (the upload completes); `gave_up_runs` more bring it back
+    only once the upload has failed (the next save commits).
+    """
+    result = ScenarioResult("gcs-mid-upload")
+    workdir = workdir or tempfile.mkdtemp(prefix="rayhooks-faults-")
+    proxy_class = _holding_proxy_class()
+    emulator = _gcs_emulator_class()(data_dir=os.path.join(workdir, "gcs-data-%s" % uuid.uuid4().hex[:6]))
+    emulator.start()
+    gcsfs_logger = logging.getLogger("gcsfs")
+    gcsfs_level = gcsfs_logger.level
+    gcsfs_logger.setLevel(logging.CRITICAL)  # its "out of retries" tracebacks while the server is gone
+    try:
+        emulator.make_bucket("faults")
+        for gave_up in [False] * repeats + [True] * gave_up_runs:
+            _mid_upload_repeat(result, emulator, proxy_class, gave_up, state_floats, hold_bytes, save_steps,
+                               step_secs, commits_before, commits_after, upload_timeout)
+    finally:
+        rh.SummaryWriterCache.clear()  # flush event files while the server still runs
+        emulator.stop()
+        gcsfs_logger.setLevel(gcsfs_level)
+    # The summary's fault -> resumed column is the repeats' ("back at once"); a "gave up" run's time,
+    # mostly gcsfs's own retries, is reported beside it (`_extras`) and per run.
+    result.times = [d["resumed_secs"] for d in result.details
+                    if d.get("variant") == "back at once" and d.get("resumed_secs") is not None]
+    return result
+
+
+def _mid_upload_repeat(result, emulator, proxy_class, gave_up, state_floats, hold_bytes, save_steps, step_secs,
+                       commits_before, commits_after, upload_timeout):
+    url = "gs://faults/mid-upload-%s" % uuid.uuid4().hex[:8]
+    proxy = proxy_class(emulator.port)
+    opts = dict(emulator.options, endpoint_url=proxy.endpoint)  # the trainer talks to the server via the proxy
+    commits = _Commits()
+    times = {}
+    controller_error = []
+
+    class HoldNextUpload(rh.CheckpointSaverListener):
+        """Arms the proxy in the before_save of the first save after `commits_before` commits: the
+        writer is idle then (one snapshot in flight at most), so the bytes held are this save's."""
+
+        def before_save(self, session, step):
+            if "held_step" not in times and len(commits.commits) >= commits_before:
+                times["held_step"] = step
+                proxy.hold_after(hold_bytes)
+
+    # gcsfs retries each request itself (about 60 s for a resumable upload whose server is gone);
+    # rayhooks' own retries are off, as in tests/test_faults_local.py.
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=save_steps, storage_options=opts,
+                                       retry=rh.RetryPolicy(max_attempts=1), on_write_error="retry_next_save",
+                                       max_to_keep=None, listeners=[HoldNextUpload(), commits])
+    state = {"w": np.zeros(state_floats, np.float32)}
+
+    def controller():  # the fault injector
+        try:
+            if not proxy.held.wait(120):
+                raise RuntimeError("no upload reached %d bytes within 120 s" % hold_bytes)
+            times["down"] = time.time()
+            emulator.stop()
+            proxy.release()  # the held bytes go on, to a server that is gone
+            if gave_up:
+                # The writer goes idle when the held upload has failed (gcsfs out of retries); the
+                # hook counts the failure only at its next save, on the training thread.
+                if not hook._writer.wait_idle(upload_timeout):
+                    raise RuntimeError("the held upload neither failed nor finished in %.0f s" % upload_timeout)
+                times["gave_up"] = time.time()
+            emulator.start()
+            times["back"] = time.time()
+        except BaseException:
+            controller_error.append(traceback.format_exc())
+        finally:
+            proxy.release()
+
+    def step():
+        state["w"] += 1
+        time.sleep(step_secs)  # the step's compute
+        return {}
+
+    poller = _OncePerCheckpointPoller(url, emulator.options, interval=0.02)  # straight to the server
+    thread = threading.Thread(target=controller, name="gcs-mid-upload-fault-injector", daemon=True)
+    step_times = []
+    try:
+        with poller:
+            thread.start()
+            try:
+                with rh.MonitoredTrainingSession(chief_only_hooks=[hook], state=state, save_checkpoint_secs=None,
+                                                 save_summaries_steps=None, log_step_count_steps=None) as sess:
+                    began = time.monotonic()
+                    while not sess.should_stop():
+                        sess.run(step)
+                        step_times.append((sess.global_step, time.time()))
+                        down = times.get("down")
+                        if down is not None and len([1 for _, t in commits.commits if t > down]) >= commits_after:
+                            break
+                        if controller_error:
+                            raise RuntimeError("the fault injector failed: %s" % controller_error[0])
+                        if time.monotonic() - began > upload_timeout + 120:
+                            raise RuntimeError("no %d commits after the server stopped within the time limit"
+                                               % commits_after)
+                final_step, final_w = sess.global_step, float(state["w"][0])
+            finally:
+                proxy.release()
+                thread.join(upload_timeout + 60)
+                if emulator.proc is None:
+                    emulator.start()
+        why = list(controller_error)
+        down, back, held_step = times.get("down"), times.get("back"), times.get("held_step")
+        after = [(s, t) for s, t in commits.commits if down is not None and t > down]
+        before = [s for s, t in commits.commits if down is None or t <= down]
+        store = rh.CheckpointStore(rh.Storage(url, emulator.options))
+        latest = store.latest()
+        committed = [i.step for i in store.committed()]
+        held_committed = held_step is not None and held_step in committed
+        leftovers = [] if held_step is None or held_committed else \
+            [n for n in store.storage.listdir() if n.startswith(store.prefix_for(held_step) + ".")]
+        if held_step is None or down is None:
+            why.append("no upload was held and the server never stopped mid-upload")
+        elif gave_up:
+            if held_committed or held_step in [s for s, _ in commits.commits]:
+                why.append("the held upload of step %d committed: it never gave up" % held_step)
+            if hook.failed_saves < 1:
+                why.append("the held upload's failure was never counted (failed_saves=0)")
+        else:
+            if not after or after[0][0] != held_step:
+                why.append("the first commit after the stop was %s, not the held step %d"
+                           % (after[0][0] if after else None, held_step))
+            if hook.failed_saves:
+                why.append("%d save(s) failed; the held upload should have resumed" % hook.failed_saves)
+        if len(after) < commits_after:
+            why.append("%d commit(s) after the server stopped, expected %d" % (len(after), commits_after))
+        if final_w != final_step or latest is None or latest.step != final_step:
+            why.append("ended at step %s with w=%s, latest %s" % (final_step, final_w, latest and latest.step))
+        lost = check_committed(store, [s for s, _ in commits.commits] + sorted(poller.seen_steps))
+        during = [s for s, t in step_times if down is not None and back is not None and down <= t <= back]
+        detail = {"variant": "gave up" if gave_up else "back at once",
+                  "fault_step": held_step,
+                  "recovery_step": after[0][0] if after else None,
+                  "held_committed": held_committed,
+                  "committed_before_stop": len(before),
+                  "outage_secs": back - down if down and back else None,
+                  "failed_saves": hook.failed_saves, "skipped_saves": hook.skipped_saves,
+                  "steps_during_outage": len(during),
+                  "held_step_files_left": len(leftovers),
+                  "full_verifies": poller.full_verifies,
+                  "unavailable_polls": poller.unavailable}
+        if gave_up and "gave_up" in times:
+            detail["upload_gave_up_secs"] = times["gave_up"] - down
+        result.add(detail, not why, lost, poller, after[0][1] - down if after else None, why)
+    except Exception:
+        result.failed(traceback.format_exc(), poller)
+    finally:
+        proxy.close()
         try:
             rh.SummaryWriterCache.clear()  # this run's event files, while the server runs
         except Exception:
@@ -804,6 +1061,8 @@ def run_scenario(key, repeats, workdir=None) -> ScenarioResult:
         return scenario_local_sigterm(repeats, workdir)
     if key == "gcs-outage":
         return scenario_gcs_outage(repeats, workdir)
+    if key == "gcs-mid-upload":
+        return scenario_gcs_mid_upload(repeats, workdir)
     return scenario_ray(key, repeats, workdir)
 
 
@@ -826,6 +1085,22 @@ def _extras(r: ScenarioResult) -> str:
         parts.append("outage %s s" % _stat(outages))
         parts.append("failed saves %d" % sum(d.get("failed_saves", 0) for d in r.details))
         parts.append("steps trained during outages %d" % sum(d.get("steps_during_outage", 0) for d in r.details))
+    if r.key == "gcs-mid-upload":
+        once = [d for d in r.details if d.get("variant") == "back at once"]
+        gave = [d for d in r.details if d.get("variant") == "gave up"]
+
+        def stat(values):
+            return "%.2f" % values[0] if len(values) == 1 else _stat(values)
+        if once:
+            parts.append("back at once (%d): held upload committed %d/%d" % (
+                len(once), sum(bool(d.get("held_committed")) for d in once), len(once)))
+        if gave:
+            parts.append("gave up (%d more): held upload never committed %d/%d, upload failed %s s after the "
+                         "stop, stop -> next commit %s s" % (
+                             len(gave), sum(d.get("held_committed") is False for d in gave), len(gave),
+                             stat([d["upload_gave_up_secs"] for d in gave if "upload_gave_up_secs" in d]),
+                             stat([d["resumed_secs"] for d in gave if d.get("resumed_secs") is not None])))
+        parts.append("failed saves %d" % sum(d.get("failed_saves", 0) for d in r.details))
     if r.key == "local-sigterm":
         em = [d["emergency_commit_secs"] for d in r.details if d.get("emergency_commit_secs") is not None]
         parts.append("signal -> emergency commit %s s" % _stat(em))
@@ -880,7 +1155,7 @@ def render(results: List[ScenarioResult], repeats: int, elapsed: float, command:
             "## What is counted", "",
             "- Faults survived: the run finished at its last step with the right values (every step adds 1 "
             "to every element of `w`, so the state after step S is S) and the fault took effect (a recovery "
-            "of the worker group, a failed save, a restarted chief).",
+            "of the worker group, a failed save, a restarted chief, a held upload committed or given up).",
             "- Checkpoints lost: committed checkpoints (every step named by an `after_save`, the run's "
             "result, the poller, or the final listing; retention is off, so all must remain) that at the "
             "end fail `CheckpointStore.verify` or whose `w` is not their step.",
@@ -893,12 +1168,15 @@ def render(results: List[ScenarioResult], repeats: int, elapsed: float, command:
             "", "## Fault -> resumed, per scenario", ""]
     out += ["- %s: %s" % (TITLES[r.key], RESUMED[r.key]) for r in results]
     out += ["", "## Setup", ""]
-    out += [SETUP[r.key] for r in results] + ["", RAY_NOTE]
+    out += [SETUP[r.key] for r in results]
+    if any(r.key.startswith("ray-") for r in results):
+        out += ["", RAY_NOTE]
     out += ["", "## Per repeat", "",
             "Fault at step: the last step before the fault (1: the step printed before the signal; 2: the last "
-            "step before the server stopped; 3-5: the step whose `after_save` injected it). Recovered at step: "
-            "1, 3, 5: the step of the checkpoint the new process or worker group restored; 2, 4: the first "
-            "step committed after the fault.", "", details_table(results), ""]
+            "step before the server stopped; 3-5: the step whose `after_save` injected it; 6: the step whose "
+            "upload was held when the server stopped). Recovered at step: 1, 3, 5: the step of the checkpoint "
+            "the new process or worker group restored; 2, 4, 6: the first step committed after the fault.",
+            "", details_table(results), ""]
     problems = [(r.key, p) for r in results for p in r.problems]
     if problems:
         out += ["## Problems", ""] + ["- %s: %s" % (k, p.replace("\n", " ")[:1500]) for k, p in problems] + [""]
