@@ -385,3 +385,12 @@ def test_writer_rejects_bad_input():
         writer.add("y", np.zeros(1))
     with pytest.raises(ValueError, match="twice"):
         writer.finish()
+
+
+@pytest.mark.parametrize("n1,n2", [(0, 5), (5, 0), (1, 1), (100, 3), (4 << 20, 12345), (7, 4 << 20)])
+def test_crc32c_combine_equals_the_crc_of_the_concatenation(n1, n2):
+    import google_crc32c
+    from rayhooks.formats.bundle import crc32c_combine
+    rng = np.random.default_rng(n1 * 31 + n2)
+    a, b = rng.bytes(n1), rng.bytes(n2)
+    assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), n2) == google_crc32c.value(a + b)

@@ -343,6 +343,55 @@ def _length_prefix(strings: list[bytes]) -> tuple[bytes, int]:
     return lengths + checksum, google_crc32c.extend(crc, checksum)
 
 
+# CRC-32C of a concatenation from the CRCs of its parts (zlib's crc32_combine, for the
+# Castagnoli polynomial): each tensor's bytes are checksummed once, for its own entry,
+# and the whole file's checksum is derived rather than computed in a second pass.
+_POLY = 0x82F63B78  # reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial (bit-reflected, x^0 at bit 31)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if (a & (m - 1)) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _x2n_table():
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)
+        p = _multmodp(p, p)
+    return table
+
+
+_X2N = _x2n_table()
+_SHIFTS: dict[int, int] = {}  # length -> x^(8 * length) mod p; chunk lengths repeat
+
+
+def _shift(nbytes: int) -> int:
+    op = _SHIFTS.get(nbytes)
+    if op is None:
+        op, n, k = 1 << 31, nbytes, 3
+        while n:
+            if n & 1:
+                op = _multmodp(_X2N[k & 31], op)
+            n >>= 1
+            k += 1
+        if len(_SHIFTS) < 4096:
+            _SHIFTS[nbytes] = op
+    return op
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32C of A + B, given crc1 of A, crc2 of B and B's length."""
+    return _multmodp(_shift(len2), crc1) ^ crc2 if len2 else crc1
+
+
 class BundleWriter:
     """Streams a bundle: call add() for each tensor (any order), then finish()."""
 
@@ -352,9 +401,13 @@ class BundleWriter:
         self._offset = self._data_crc = 0
         self._finished = False
 
-    def _write(self, chunk) -> None:
+    def _write(self, chunk, crc=None) -> None:
+        """Appends `chunk`; `crc`, its CRC-32C when the caller has it, saves a second pass."""
         n = len(chunk)
-        self._data_crc = google_crc32c.extend(self._data_crc, chunk)
+        if crc is None:
+            self._data_crc = google_crc32c.extend(self._data_crc, chunk)
+        else:
+            self._data_crc = crc32c_combine(self._data_crc, crc, n)
         view = memoryview(chunk)
         # Raw (unbuffered) sinks may accept only part of a write.
         while True:
@@ -398,8 +451,9 @@ class BundleWriter:
             crc = 0
             for start in range(0, flat.size, _CHUNK):
                 chunk = flat[start:start + _CHUNK]
-                crc = google_crc32c.extend(crc, chunk)
-                self._write(chunk)
+                part = google_crc32c.value(chunk)
+                crc = crc32c_combine(crc, part, chunk.size)
+                self._write(chunk, part)
         self._entries[kb] = _encode_entry(dt, shape, offset, self._offset - offset,
                                           _mask(crc))
 
