@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -313,16 +314,39 @@ class CheckpointStore:
             bar = progress.byte_bar("restoring step %d from %s" % (info.step, self.url),
                                     info.nbytes * (2 if verify else 1), file=progress_file)
             try:
-                problems = self.verify(info, bar.update) if verify else []
-                if problems:
-                    logger.warning("[step=%d] checkpoint %s is damaged (%s); falling back to the previous one",
-                                   info.step, info.url, "; ".join(problems))
-                    continue
-                saver.restore(self.reader(info, worker, bar.update))
+                problems = self._verify_while_restoring(info, saver, worker, bar.update, verify)
             finally:
                 bar.close()
+            if problems:
+                logger.warning("[step=%d] checkpoint %s is damaged (%s); falling back to the previous one",
+                               info.step, info.url, "; ".join(problems))
+                continue
             return info
         return None
+
+    def _verify_while_restoring(self, info, saver, worker, on_bytes, verify) -> List[str]:
+        """Restores `info` while its checksums are checked on another thread; returns the problems.
+
+        TF's restore runs in C++ without the GIL, so the check costs little
+        extra time. A checkpoint that fails the check has been restored
+        anyway: the caller then restores an older one over it.
+        """
+        if not verify:
+            saver.restore(self.reader(info, worker, on_bytes))
+            return []
+        found = []
+        checker = threading.Thread(target=lambda: found.extend(self.verify(info, on_bytes)),
+                                   name="rayhooks-verify", daemon=True)
+        checker.start()
+        try:
+            saver.restore(self.reader(info, worker, on_bytes))
+        except Exception:
+            checker.join()
+            if found:  # damaged data made the restore fail: report the damage, not the symptom
+                return found
+            raise
+        checker.join()
+        return found
 
 
 class CheckpointReader:

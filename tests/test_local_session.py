@@ -318,3 +318,33 @@ def test_resume_skips_a_damaged_newest_checkpoint(storage_url, caplog):
     store = rh.CheckpointStore(storage)
     assert store.latest().step == 9
     assert store.verify(store.latest()) == []
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_damaged_newest_tf_checkpoint_falls_back_while_verified_during_restore(tmp_path, caplog, where):
+    """The checksum check runs beside TF's restore: damage that TF trips on, or that only the
+    checksum sees, both end in the previous checkpoint restored, with the damaged file named."""
+    import logging
+    import tensorflow as tf
+    url = str(tmp_path / "run")
+    v = tf.Variable(np.zeros(1 << 16, np.float32))
+
+    def step():
+        v.assign_add(tf.ones_like(v))
+
+    for last in (3, 6):
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=3, state=tf.train.Checkpoint(v=v),
+                                         save_summaries_steps=None, log_step_count_steps=None,
+                                         hooks=[rh.StopAtStepHook(last_step=last)]) as sess:
+            while not sess.should_stop():
+                sess.run(step)
+    storage = rh.Storage(url)
+    damaged = "model.ckpt-6.data-00000-of-00001"
+    data = bytearray(storage.read_bytes(damaged))
+    data[0 if where == "first" else -1] ^= 0x55
+    storage.write_bytes(damaged, bytes(data))
+    v.assign(tf.zeros_like(v))
+    with caplog.at_level(logging.WARNING, logger="rayhooks"):
+        info = rh.CheckpointStore(storage).restore_latest(rh.TrackableSaver(tf.train.Checkpoint(v=v)))
+    assert info.step == 3 and damaged in caplog.text
+    np.testing.assert_array_equal(v.numpy(), np.full(1 << 16, 3, np.float32))
