@@ -20,7 +20,7 @@ def main(argv=None) -> int:
                                      description="Runs the rayhooks benchmarks, prints a table per figure and "
                                                  "writes them, the machine and the targets to results.md.")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats; 64 MB checkpoints, plus 512 MB once (under 5 minutes)")
+                        help="fewer repeats; 64 MB checkpoints, plus 512 MB once (under 10 minutes on 2 cores)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
                         help="run only this benchmark (repeatable): %s" % ", ".join(BENCHMARKS))
     parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the Markdown results")
