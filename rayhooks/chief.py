@@ -321,7 +321,13 @@ class Chief:
         self._last_checkpoint_step = step
         self.session.latest_checkpoint = info.url
         self.session.global_step = max(self.session.global_step, step)
-        logger.info("[step=%d] committed %s (%.1f MB)", step, info.url, info.nbytes / 1e6)
+        shards_health = self._shard_health.get(step, {}).values()
+        if shards_health:
+            logger.info("[step=%d] Saved checkpoint %s (%.1f MB) in %.2fs; the training loop waited %.1f ms.",
+                        step, info.url, info.nbytes / 1e6, max(h["persist_secs"] for h in shards_health),
+                        max(h["stall_ms"] for h in shards_health))
+        else:
+            logger.info("[step=%d] committed %s (%.1f MB)", step, info.url, info.nbytes / 1e6)
         self._announced.pop(step * 2, None)
         self.planner.done(Action(step, CHECKPOINT))
         writer = SummaryWriterCache.get(ck.store.url, ck.store.storage.storage_options)

@@ -542,7 +542,9 @@ def _checkpoint_scalars(ckpt_dir):
 
 
 @pytest.mark.parametrize("hook_class", [rh.CheckpointSaverHook, rh.AsyncCheckpointSaverHook])
-def test_retry_next_save_under_launch_trains_past_a_failed_save(backend, ckpt_dir, hook_class):
+def test_retry_next_save_under_launch_trains_past_a_failed_save(backend, ckpt_dir, hook_class, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="rayhooks")
     _block_step(ckpt_dir, 6)
     # in_flight="wait": no save is skipped for the previous one still uploading, so the steps are exact.
     extra = {"in_flight": "wait"} if hook_class is rh.AsyncCheckpointSaverHook else {}
@@ -563,6 +565,10 @@ def test_retry_next_save_under_launch_trains_past_a_failed_save(backend, ckpt_di
     assert all(v > 0 for v in scalars["checkpoint/bytes"].values())
     assert all(v >= 0 for v in scalars["checkpoint/stall_ms"].values())
     assert all(v > 0 for v in scalars["checkpoint/persist_secs"].values())
+    if backend == "local":  # the chief's log, once per save: what, where, and how long the loop waited
+        saved = [r.getMessage() for r in caplog.records if "Saved checkpoint" in r.getMessage()]
+        assert len(saved) == 5 and all("the training loop waited" in m for m in saved)
+        assert "[step=8] Saved checkpoint %s/model.ckpt-8" % ckpt_dir in saved[3]
 
 
 def test_raise_under_launch_stops_at_the_failed_save(backend, ckpt_dir):
