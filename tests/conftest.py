@@ -58,6 +58,9 @@ def _close_cached_summary_writers():
         pass
 
 
+RAY_TRAIN_POLL_ENV, RAY_TRAIN_POLL_SECS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (2 CPUs), shut down at the end.
@@ -69,6 +72,10 @@ def ray_session():
     import ray  # a dependency of rayhooks: missing it is an error, not a skip
     started = False
     if not ray.is_initialized():
+        # Ray Train's controller takes workers' reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+        # (2 s by default); the benchmark smoke tests' anchors report often. Ray's processes
+        # read it from the environment they start with, so it is set before ray.init.
+        os.environ.setdefault(RAY_TRAIN_POLL_ENV, RAY_TRAIN_POLL_SECS)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         started = True
     yield ray

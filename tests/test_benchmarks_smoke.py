@@ -140,20 +140,12 @@ def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
 
 
 @pytest.fixture
-def tiny_ray(monkeypatch):
-    """One local Ray (2 CPUs) for both figures' Ray Train anchors, its controller polling every 0.2 s.
+def tiny_ray(ray_session):
+    """The session's Ray, whose Ray Train controller polls every 0.2 s (set by `ray_session`).
 
     The poll interval (2 s by default) only paces how soon reports are taken; each figure reads it back.
     """
-    import ray
-    if ray.is_initialized():
-        pytest.skip("Ray is already running in this process: the poll interval could not be set")
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    return ray_session
 
 
 def test_ray_train_anchors_tiny(tiny_ray):

@@ -152,39 +152,32 @@ def test_throughput_alternates_phase_order():
 # -- the Ray anchors ------------------------------------------------------------------------------
 
 @pytest.mark.timeout(900)
-def test_ray_anchors_tiny(tmp_path):
-    import ray
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        storage = bench_storage.run(tiny=True, gcs=False, ray=True, tmp_root=str(tmp_path / "storage"))
-        well_formed(storage, bench_storage.NAME, bench_storage.TITLE, scored=True)
-        rt = storage.data["raw"]["raytrain_commit"]
-        cfg = storage.data["raw"]["config"]
-        assert len(rt["reports"]) == cfg["ray_reports"]
-        assert all(r["found"] for r in rt["reports"])  # each report was listed as committed
-        _positive_finite(r["persist"] for r in rt["reports"])
-        assert all(r["latency"] >= r["persist"] for r in rt["reports"])
-        assert rt["final_checkpoint"] and rt["final_checkpoint"].endswith("ckpt-%06d" % (cfg["ray_reports"] - 1))
-        assert any("Ray Train" in row[1] for row in storage.extra_tables[0][2])
+def test_ray_anchors_tiny(tmp_path, ray_session):
+    storage = bench_storage.run(tiny=True, gcs=False, ray=True, tmp_root=str(tmp_path / "storage"))
+    well_formed(storage, bench_storage.NAME, bench_storage.TITLE, scored=True)
+    rt = storage.data["raw"]["raytrain_commit"]
+    cfg = storage.data["raw"]["config"]
+    assert len(rt["reports"]) == cfg["ray_reports"]
+    assert all(r["found"] for r in rt["reports"])  # each report was listed as committed
+    _positive_finite(r["persist"] for r in rt["reports"])
+    assert all(r["latency"] >= r["persist"] for r in rt["reports"])
+    assert rt["final_checkpoint"] and rt["final_checkpoint"].endswith("ckpt-%06d" % (cfg["ray_reports"] - 1))
+    assert any("Ray Train" in row[1] for row in storage.extra_tables[0][2])
 
-        tput = bench_throughput.run(tiny=True, ray=True, isolate=False, tmp_root=str(tmp_path / "throughput"))
-        well_formed(tput, bench_throughput.NAME, bench_throughput.TITLE, scored=True)
-        raw = tput.data["raw"]
-        cfg = raw["config"]
-        launch = raw["launch"]
-        _check_pairs(launch, cfg["pairs"], "launch")
-        assert launch["committed"] >= 2  # the save at session creation and the one at its end, at least
-        assert launch["skipped"] == 0
-        (mode, rt_run), = raw["raytrain"]["runs"].items()
-        assert mode == "ASYNC"
-        _check_pairs(rt_run, cfg["pairs"], "raytrain")
-        assert rt_run["saves"] == cfg["pairs"] and rt_run["committed"] == cfg["pairs"]
-        assert set(tput.data["summary"]) == set(bench_throughput.LOCAL_METHODS) | {"rh_launch_ray",
-                                                                                      "raytrain_ASYNC"}
-        assert len(tput.targets) == 2
-    finally:
-        if started:
-            ray.shutdown()
+    tput = bench_throughput.run(tiny=True, ray=True, isolate=False, tmp_root=str(tmp_path / "throughput"))
+    well_formed(tput, bench_throughput.NAME, bench_throughput.TITLE, scored=True)
+    raw = tput.data["raw"]
+    cfg = raw["config"]
+    launch = raw["launch"]
+    _check_pairs(launch, cfg["pairs"], "launch")
+    assert launch["committed"] >= 2  # the save at session creation and the one at its end, at least
+    # A timer save that finds the previous one still uploading is skipped (in_flight="skip", TF1's
+    # rule); in a tiny run that can happen, but never more than once per checkpoint phase.
+    assert 0 <= launch["skipped"] <= cfg["pairs"]
+    (mode, rt_run), = raw["raytrain"]["runs"].items()
+    assert mode == "ASYNC"
+    _check_pairs(rt_run, cfg["pairs"], "raytrain")
+    assert rt_run["saves"] == cfg["pairs"] and rt_run["committed"] == cfg["pairs"]
+    assert set(tput.data["summary"]) == set(bench_throughput.LOCAL_METHODS) | {"rh_launch_ray",
+                                                                                  "raytrain_ASYNC"}
+    assert len(tput.targets) == 2
