@@ -254,6 +254,7 @@ class Storage:
             # leaves whatever was there before untouched.
             with contextlib.suppress(Exception):
                 f.discard()
+            f.closed = True  # a discard that failed must not become a publish from the file's __del__
             raise
         f.close()
         return result
