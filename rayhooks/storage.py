@@ -254,7 +254,8 @@ class Storage:
             # leaves whatever was there before untouched.
             with contextlib.suppress(Exception):
                 f.discard()
-            f.closed = True  # a discard that failed must not become a publish from the file's __del__
+            with contextlib.suppress(AttributeError):  # memory:// files are BytesIO: closed is read-only
+                f.closed = True  # a discard that failed must not become a publish from the file's __del__
             raise
         f.close()
         return result
