@@ -27,6 +27,8 @@ from typing import Callable, Iterable, List, Optional
 import fsspec
 import fsspec.callbacks
 
+from rayhooks import direct_io
+
 logger = logging.getLogger("rayhooks")
 
 # Parts of a streamed upload to an object store. gcsfs and s3fs default to 5 MB, one
@@ -231,10 +233,8 @@ class Storage:
             tmp = "%s.tmp-%s" % (path, uuid.uuid4().hex[:12])
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:
-                with open(tmp, "wb") as f:
+                with direct_io.open_for_write(tmp) as f:  # durable at close: fsynced
                     result = producer(f)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,115 @@
+"""Local files written with O_DIRECT (rayhooks.direct_io): exact bytes, a trimmed tail, the fallbacks."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from rayhooks import direct_io
+from rayhooks.storage import Storage
+
+needs_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+
+
+def _pieces(total, seed):
+    """Writes of uneven sizes, as the bundle writer makes them (tensor by tensor, some tiny)."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, total, dtype=np.uint8)
+    cuts = sorted(set(rng.integers(0, total + 1, 7).tolist()) | {0, total})
+    return data, [data[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+@needs_direct
+@pytest.mark.parametrize("total", [0, 1, 4095, 4096, 4097, direct_io.STAGING_BYTES,
+                                   2 * direct_io.STAGING_BYTES + 12345])
+def test_direct_file_holds_exactly_the_bytes_written(tmp_path, total):
+    path = str(tmp_path / "f")
+    data, pieces = _pieces(total, total)
+    with direct_io.open_for_write(path) as f:
+        assert isinstance(f, direct_io.DirectFile) and f.direct
+        for piece in pieces:
+            assert f.write(piece) == len(piece)
+        assert f.tell() == total
+    assert os.path.getsize(path) == total                    # the padded tail was trimmed
+    assert np.array_equal(np.fromfile(path, np.uint8), data)
+
+
+@needs_direct
+def test_direct_file_takes_non_contiguous_and_bytes_like_input(tmp_path):
+    path = str(tmp_path / "f")
+    strided = np.arange(20, dtype=np.int32)[::2]
+    with direct_io.open_for_write(path) as f:
+        f.write(b"head")
+        f.write(strided)
+        f.write(bytearray(b"tail"))
+    assert open(path, "rb").read() == b"head" + strided.tobytes() + b"tail"
+
+
+@needs_direct
+def test_a_failed_write_leaves_no_published_file_and_the_buffer_is_reused(tmp_path):
+    storage = Storage(str(tmp_path))
+
+    def producer(f):
+        f.write(b"x" * 5000)
+        raise RuntimeError("the producer failed half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        storage.write_with("data", producer)
+    assert os.listdir(tmp_path) == []
+    storage.write_with("data", lambda f: f.write(b"y" * 5000))
+    assert open(tmp_path / "data", "rb").read() == b"y" * 5000
+
+
+def test_env_switch_gives_a_buffered_synced_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYHOOKS_DIRECT_IO", "0")
+    path = str(tmp_path / "f")
+    with direct_io.open_for_write(path) as f:
+        assert not isinstance(f, direct_io.DirectFile)
+        f.write(b"abc" * 1000)
+    assert open(path, "rb").read() == b"abc" * 1000
+
+
+@needs_direct
+def test_a_filesystem_refusing_o_direct_at_open_gets_a_buffered_file(tmp_path, monkeypatch):
+    # Every filesystem on this machine (ext4, tmpfs) takes O_DIRECT, so the refusal is simulated:
+    # os.open raises EINVAL for the flag, as it does on filesystems without direct I/O.
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_io.os, "open", refusing_open)
+    path = str(tmp_path / "f")
+    data, pieces = _pieces(3 * 4096 + 7, 3)
+    with direct_io.open_for_write(path) as f:
+        assert not isinstance(f, direct_io.DirectFile)
+        for piece in pieces:
+            f.write(piece)
+    assert np.array_equal(np.fromfile(path, np.uint8), data)
+
+
+@needs_direct
+def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch):
+    # As above, simulated: some network and FUSE filesystems accept the flag at open and
+    # fail the writes with EINVAL. The first write is refused; the rest must go buffered.
+    real_write = os.write
+    refused = []
+
+    def refusing_write(fd, data):
+        if not refused:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", refusing_write)
+    path = str(tmp_path / "f")
+    data, pieces = _pieces(direct_io.STAGING_BYTES + 100, 4)
+    with direct_io.open_for_write(path) as f:
+        for piece in pieces:
+            f.write(piece)
+        assert not f.direct
+    assert refused
+    assert np.array_equal(np.fromfile(path, np.uint8), data)
