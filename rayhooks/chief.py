@@ -32,16 +32,20 @@ from rayhooks.summary_writer import SummaryWriterCache
 
 logger = logging.getLogger("rayhooks")
 
+HINT_SLACK_SECS = 0.002
+
 
 class Chief:
     """Turns worker reports into decisions. `send(worker_index, update)` must not block."""
 
-    def __init__(self, spec, num_workers: int, send, clock=time.time, report_latency: float = 0.1):
+    def __init__(self, spec, num_workers: int, send, clock=time.time, report_latency: float = 0.1,
+                 report_interval: Optional[float] = None):
         self.spec = spec
         self.num_workers = num_workers
         self._send = send
         self._clock = clock
         self._latency = report_latency
+        self._interval = report_latency if report_interval is None else report_interval
         self.coord = Coordinator()
         self.session = SessionHandle(checkpoint_dir=spec.checkpoint_dir, summary_dir=spec.summary_dir,
                                      is_chief=True, num_workers=num_workers,
@@ -49,6 +53,7 @@ class Chief:
         self.progress: Dict[int, int] = {}
         self._rates: Dict[int, float] = {}
         self._last_seen: Dict[int, tuple] = {}
+        self._heard_at: Dict[int, float] = {}
         self._replayed = None
         self._metrics = {}
         self._announced: Dict[int, Action] = {}
@@ -142,6 +147,7 @@ class Chief:
         self._final_saves.clear()
         self._announced.clear()
         self._last_seen.clear()
+        self._heard_at.clear()
         self._rates.clear()
         for schedule in self.planner.schedules:
             schedule.pending = None
@@ -183,7 +189,9 @@ class Chief:
     def _broadcast(self, actions=(), stop_step=None) -> None:
         if not actions and stop_step is None:
             return
-        update = {"actions": list(actions), "stop_step": stop_step}
+        self._broadcast_update({"actions": list(actions), "stop_step": stop_step})
+
+    def _broadcast_update(self, update) -> None:
         for i in range(self.num_workers):
             self._send(i, update)
 
@@ -198,6 +206,7 @@ class Chief:
             rate = self._rates[worker] = (step - previous[0]) / (now - previous[1])
             self._max_rate = max(self._max_rate, rate)
         self._last_seen[worker] = (step, now)
+        self._heard_at[worker] = self._clock()  # this clock: the workers' may be set apart from it
         self.progress[worker] = max(self.progress.get(worker, 0), step)
         self._furthest = max(self._furthest, step)
         if worker == 0:
@@ -264,8 +273,28 @@ class Chief:
                 self.planner.done(action)
                 del self._announced[key]
         margin = self._margin() if self._rates else None  # no rate yet: a margin would be a guess
+        if margin is not None and self.planner.seconds_due():
+            furthest = max(furthest, self._projected_furthest())
         actions = self._announce(self.planner.tick(furthest, margin))
         self._broadcast(actions, stop)
+        hint = self.planner.report_hint(self._interval)
+        if hint is not None:
+            # A few ms past the deadline, so that the report finds it passed.
+            self._broadcast_update({"report_in": hint + HINT_SLACK_SECS})
+
+    def _projected_furthest(self) -> int:
+        """The furthest step any worker has reached by now, from its last report and its rate.
+
+        Scans every worker, so it runs once per seconds deadline, not per
+        report: reports can be an interval old, and a step announced behind a
+        worker would be skipped by it.
+        """
+        now = self._clock()
+        furthest = self._furthest
+        for worker, (step, _) in self._last_seen.items():
+            age = min(max(now - self._heard_at.get(worker, now), 0.0), 2 * self._interval)
+            furthest = max(furthest, step + int(self._rates.get(worker, self._max_rate) * age))
+        return furthest
 
     def _replay(self, step: int) -> None:
         """Runs the chief-only hooks for each step worker 0 completed since the last report."""

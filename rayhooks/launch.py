@@ -21,6 +21,8 @@ from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.chief import Chief
 from rayhooks.spec import build_spec
 
+ANNOUNCE_LATENCY_SECS = 0.05  # a chief-to-worker actor call, with room for a loaded node
+
 logger = logging.getLogger("rayhooks")
 
 
@@ -40,7 +42,7 @@ class LaunchResult:
 
 def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None, backend: str = "ray",
            resources_per_worker: Optional[dict] = None, placement_strategy: str = "PACK",
-           all_workers_write: bool = False, tf_config: bool = True, report_interval: float = 0.05,
+           all_workers_write: bool = False, tf_config: bool = True, report_interval: float = 0.25,
            ray_init_kwargs: Optional[dict] = None, placement_timeout_s: float = 600,
            max_failures: int = 0, name: Optional[str] = None) -> LaunchResult:
     """Runs `train_fn(ctx)` on `num_workers` workers with a chief that owns the schedule.
@@ -65,7 +67,12 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
       tf_config: set `TF_CONFIG` on each Ray worker for
         `tf.distribute.MultiWorkerMirroredStrategy` (ports chosen free on
         each node).
-      report_interval: seconds between a worker's progress reports.
+      report_interval: seconds between a worker's progress reports (sent
+        by a background thread: the training loop does not wait for them).
+        A `save_secs`/`save_summaries_secs` deadline does not wait for the
+        next one: the chief asks the workers to report right after it and
+        plans from where they are then. Saved shards, stop requests and
+        preemptions are reported at once.
       max_failures: how many times the worker group is restarted after a
         worker fails (raises, or its actor or node dies). A restart resumes
         every worker from the latest committed checkpoint and runs the
@@ -92,6 +99,16 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
                   report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name)
 
 
+def announce_latency(report_interval: float) -> float:
+    """What the chief's margin allows for an announcement to reach the workers.
+
+    Progress is fresh when a seconds deadline is planned (the workers report
+    right after it, and staler reports are projected forward at each
+    worker's rate), so the margin covers delivery, not the report interval.
+    """
+    return min(report_interval, ANNOUNCE_LATENCY_SECS)
+
+
 def _result(summary: dict, worker_results) -> LaunchResult:
     return LaunchResult(summary["last_step"], summary["committed"], summary["latest_checkpoint"],
                         summary["metrics"], summary["skipped_saves"], list(worker_results),
@@ -107,7 +124,7 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
 
     contexts = []
     chief = Chief(spec, num_workers, lambda i, update: contexts[i].agent.receive(update),
-                  report_latency=report_interval)
+                  report_latency=announce_latency(report_interval), report_interval=report_interval)
     chief_thread = ChiefThread(chief)
     failures = 0
     try:

@@ -39,6 +39,7 @@ class Schedule:
         self.first_offset = first_offset  # TF1: checkpoints start at the initial step, summaries one later
         self.fetches = tuple(fetches)
         self.pending: Optional[int] = None
+        self.hinted: Optional[float] = None  # the trigger time whose next deadline the workers were told of
 
     def plan(self, start_step: int, furthest: int, margin: int) -> Optional[Action]:
         """The next action to announce, if one is due and none is pending.
@@ -70,6 +71,14 @@ class Schedule:
     def done(self, step: int) -> None:
         if self.pending == step:
             self.pending = None
+
+    def seconds_until_due(self) -> Optional[float]:
+        """For a seconds schedule with nothing pending: how long until its deadline, by its timer's clock."""
+        timer = self.timer
+        last_time = getattr(timer, "_last_triggered_time", None)
+        if timer.every_secs is None or self.pending is not None or last_time is None:
+            return None
+        return last_time + timer.every_secs - timer._clock()
 
     def is_planned(self, step: int, stop_step: Optional[int] = None) -> bool:
         """Whether `step` carries this schedule's action (for rules, any step on the rule)."""
@@ -106,6 +115,34 @@ class Planner:
             elif action is not None:
                 schedule.pending = None
         return out
+
+    def report_hint(self, within: float) -> Optional[float]:
+        """Seconds from now after which the workers should report, once per seconds deadline.
+
+        A deadline within `within` seconds (the periodic report interval) that
+        was not hinted yet is: the workers then report right after it, so the
+        step announced for it is planned from fresh progress however long the
+        report interval is. Deadlines further away are left to the periodic
+        reports, the last of which arrives within `within` of them.
+        """
+        soonest, chosen = None, None
+        for schedule in self.schedules:
+            left = schedule.seconds_until_due()
+            if left is None or left <= 0 or left > within or schedule.hinted == schedule.timer._last_triggered_time:
+                continue
+            if soonest is None or left < soonest:
+                soonest, chosen = left, schedule
+        if chosen is not None:  # a later deadline is hinted at the report this one brings
+            chosen.hinted = chosen.timer._last_triggered_time
+        return soonest
+
+    def seconds_due(self) -> bool:
+        """Whether a seconds schedule's deadline has passed and its step is not announced yet."""
+        for schedule in self.schedules:
+            left = schedule.seconds_until_due()
+            if left is not None and left <= 0:
+                return True
+        return False
 
     def request_stop(self, furthest: int, margin: int) -> int:
         """The step every worker stops after: the earliest one still ahead of all of them."""

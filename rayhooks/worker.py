@@ -41,7 +41,7 @@ _NEVER = float("inf")
 class WorkerAgent(SessionRunHook):
     """The last hook of a worker's session: carries out the chief's plan and reports progress."""
 
-    def __init__(self, worker_index, spec, transport, report_interval=0.05, clock=time.monotonic):
+    def __init__(self, worker_index, spec, transport, report_interval=0.25, clock=time.monotonic):
         self.worker_index = worker_index
         self.spec = spec
         self._transport = transport
@@ -52,6 +52,7 @@ class WorkerAgent(SessionRunHook):
         self._next_step = _NEVER           # read per step without the lock: a plain attribute
         self._stop_step = _NEVER
         self._next_report = 0.0
+        self._report_by = 0.0
         self._outputs = {}
         self._shards = []
         self._skipped = []
@@ -112,6 +113,9 @@ class WorkerAgent(SessionRunHook):
                 heapq.heappush(self._actions, (action.step, action.kind, action.fetches, action.every))
             if update.get("stop_step") is not None:
                 self._stop_step = min(self._stop_step, update["stop_step"])
+            if update.get("report_in") is not None:  # a seconds deadline: report right after it
+                self._report_by = self._clock() + update["report_in"]
+                self._next_report = min(self._next_report, self._report_by)
             self._next_step = min(self._actions[0][0] if self._actions else _NEVER, self._stop_step)
 
     # -- in the training loop ---------------------------------------------------
@@ -222,7 +226,10 @@ class WorkerAgent(SessionRunHook):
             self._transport.report_and_wait(*args)
         else:
             self._transport.report(*args)
-        self._next_report = self._clock() + self._interval
+        now = self._clock()
+        self._next_report = now + self._interval
+        if self._report_by > now:  # a deadline hint that arrived while this report was made
+            self._next_report = min(self._next_report, self._report_by)
 
     def end(self, session):
         if self._aborted:
@@ -263,7 +270,7 @@ def _scalar_metrics(outputs: dict) -> dict:
 class WorkerContext:
     """What `train_fn` receives: who this worker is, and the session to train in."""
 
-    def __init__(self, worker_index, num_workers, spec, transport, hooks, report_interval=0.05):
+    def __init__(self, worker_index, num_workers, spec, transport, hooks, report_interval=0.25):
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.spec = spec

@@ -130,6 +130,38 @@ def test_secs_schedule_plans_the_first_step_past_the_deadline_that_workers_can_s
     assert planner.tick(20, 4) == [Action(24, CHECKPOINT)]
 
 
+def test_report_hint_names_each_secs_deadline_once_when_it_falls_within_the_report_interval():
+    clock = rh.ManualClock(100.0)
+    ckpt = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_secs=10, clock=clock))
+    summ = Schedule(SUMMARY, rh.SecondOrStepTimer(every_secs=10.5, clock=clock), first_offset=1)
+    steps = Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_steps=5))
+    planner = Planner(0, [ckpt, summ, steps])
+    planner.tick(0, 2)                                   # first triggers at t=100; the rule is a rule
+    assert planner.tick(5, 2) == []                      # the first ones reached: nothing pending
+    assert planner.report_hint(0.5) is None              # deadlines at 110 and 110.5: further than 0.5 s
+    assert not planner.seconds_due()
+    clock.advance(9.75)
+    assert planner.report_hint(0.5) == pytest.approx(0.25)  # the checkpoint's, the sooner one
+    assert planner.report_hint(0.5) is None              # hinted once; the summary's is 0.75 s away
+    clock.advance(0.25)
+    assert planner.seconds_due()
+    assert planner.tick(40, 3) == [Action(43, CHECKPOINT)]
+    assert not planner.seconds_due()                     # announced: pending, nothing due
+    assert planner.report_hint(0.5) == pytest.approx(0.5)  # now the summary's, 0.5 s away
+    ckpt.done(43)
+    clock.advance(9.9)
+    assert planner.report_hint(0.5) == pytest.approx(0.1)  # the next period's deadline, hinted anew
+
+
+def test_report_hint_skips_a_deadline_already_past():
+    clock = rh.ManualClock(0.0)
+    planner = Planner(0, [Schedule(CHECKPOINT, rh.SecondOrStepTimer(every_secs=1, clock=clock))])
+    planner.tick(0, 2)
+    planner.tick(1, 2)
+    clock.advance(2)
+    assert planner.report_hint(0.5) is None and planner.seconds_due()
+
+
 @pytest.mark.parametrize("furthest,margin", [(0, 2), (17, 2), (17, 40), (1000, 101)])
 def test_secs_action_is_never_at_or_behind_the_furthest_worker(furthest, margin):
     clock = rh.ManualClock()
@@ -264,6 +296,52 @@ def test_chief_plans_a_secs_save_from_the_hook_clock_and_measured_rates(tmp_path
     assert [i.step for i in store.committed()] == [0, 52]
 
 
+def test_chief_asks_workers_to_report_right_after_a_secs_deadline(tmp_path):
+    clock = rh.ManualClock(1000.0)
+    chief, listener, sent, store = _chief(tmp_path, clock, latency=0.05, save_secs=60)
+    chief._interval = 0.5
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 10.0, {}, [_shard(store, 0)], {})
+    clock.advance(59.0)
+    chief.report(0, 20, 11.0, {}, [], {})
+    assert sent == []                                    # 1 s away: the periodic reports come first
+    clock.advance(0.7)
+    chief.report(0, 26, 11.3, {}, [], {})
+    assert [i for i, _ in sent] == [0, 1]
+    assert all(set(u) == {"report_in"} and u["report_in"] == pytest.approx(0.3, abs=0.01) for _, u in sent)
+    del sent[:]
+    chief.report(1, 26, 11.3, {}, [], {})
+    assert sent == []                                    # hinted once per deadline
+
+
+def test_chief_plans_a_secs_save_from_where_stale_workers_are_by_now(tmp_path):
+    """Reports can be an interval old when a deadline passes: each worker is projected at its rate."""
+    clock = rh.ManualClock(1000.0)
+    chief_clock = rh.ManualClock(50.0)
+    listener = TraceListener()
+    hook = rh.CheckpointSaverHook(str(tmp_path), clock=clock, listeners=[listener], save_secs=60)
+    sent = []
+    chief = Chief(build_spec([hook], False), 2, lambda i, update: sent.append((i, update)),
+                  clock=chief_clock, report_latency=0.05, report_interval=0.5)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 10.0, {}, [_shard(hook.store, 0)], {})
+    chief.report(1, 0, 10.0, {}, [], {})
+    chief.report(1, 100, 11.0, {}, [], {})               # worker 1: 100 steps/s, heard at t=50
+    chief_clock.advance(0.4)
+    chief.report(0, 41, 11.4, {}, [], {})                # worker 0: 100 steps/s, heard at t=50.4
+    clock.advance(60)
+    chief_clock.advance(0.1)
+    chief.report(0, 51, 11.5, {}, [], {})
+    # Worker 1 was heard 0.5 s ago at step 100: by now it is near 150, past worker 0's 51.
+    margin = chief._margin()
+    assert margin in (11, 12)                            # ceil(2 * 100 steps/s * 0.05 s) + 1, up to rounding
+    (announced,) = {u["actions"][0].step for _, u in sent if u.get("actions")}
+    assert announced == 150 + margin
+    assert listener.trace[-1] == ("before_save", 150 + margin)
+
+
 def test_chief_ignores_a_late_plan_reported_by_a_worker_that_does_not_write(tmp_path):
     """Worker 1 writes nothing (only worker 0 does): its "arrived late" is no skipped save."""
     clock = rh.ManualClock()
@@ -322,3 +400,49 @@ def test_chief_final_save_with_all_workers_write_is_owed_by_every_worker(tmp_pat
     assert chief.committed == [0]                                   # one shard is not a checkpoint
     chief.shard_done(10, second, _shard(store, 10, second)[2])
     assert chief.committed == [0, 10]
+
+
+class _Reports:
+    """A worker's transport that records the steps it reports."""
+
+    def __init__(self):
+        self.steps = []
+
+    def report(self, worker, step, *rest):
+        self.steps.append(step)
+
+
+def test_worker_reports_right_after_the_deadline_the_chief_named():
+    """Periodic reports every 0.25 s; a hint makes the next one come at the deadline instead."""
+    from rayhooks.handle import SessionHandle
+    from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext
+    from rayhooks.worker import WorkerAgent
+
+    clock = rh.ManualClock(0.0)
+    reports = _Reports()
+    agent = WorkerAgent(1, build_spec([], False), reports, report_interval=0.25, clock=clock)
+    session = SessionHandle(worker_index=1, num_workers=2)
+    agent.after_create_session(session, None)
+
+    def step(secs):
+        clock.advance(secs)
+        session.global_step += 1
+        agent.after_run(SessionRunContext(SessionRunArgs(None), session), None)
+
+    step(0.01)
+    assert reports.steps == [1]                 # the first run reports at once
+    for _ in range(9):
+        step(0.01)
+    assert reports.steps == [1]                 # next periodic one at t=0.26
+    agent.receive({"report_in": 0.032})         # at t=0.10: the deadline is at t=0.132
+    for _ in range(3):
+        step(0.01)
+    assert reports.steps == [1]                 # t=0.13: not yet
+    step(0.01)
+    assert reports.steps == [1, 14]             # t=0.14: right after it, not at t=0.26
+    for _ in range(24):
+        step(0.01)
+    assert reports.steps == [1, 14]
+    step(0.01)
+    step(0.01)
+    assert reports.steps[:2] == [1, 14] and reports.steps[2] in (39, 40)  # then periodic: 0.25 s later
