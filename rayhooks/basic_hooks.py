@@ -34,6 +34,9 @@ class StopAtStepHook(SessionRunHook):
         if run_context.session.global_step >= self._last_step:
             run_context.request_stop()
 
+    def _quiet_until(self):
+        return 0 if self._last_step is None else self._last_step
+
 
 class StepCounterHook(SessionRunHook):
     """Logs and summarises steps per second as `global_step/sec`."""
@@ -71,6 +74,10 @@ class StepCounterHook(SessionRunHook):
             if elapsed_time is not None:
                 self._log_and_record(elapsed_steps, elapsed_time, global_step)
         self._last_global_step = stale_global_step
+
+    def _quiet_until(self):
+        nxt = self._timer.next_step_trigger()  # None for a seconds timer: every run checks the clock
+        return 0 if nxt is None else nxt
 
 
 class LoggingTensorHook(SessionRunHook):

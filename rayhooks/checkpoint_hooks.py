@@ -82,6 +82,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._save_on_signals = tuple(save_on_signals or ())
         self._previous_handlers = {}
         self._preempted = False
+        self._session_handle = None
         self.failed_saves = 0
         self._saver = as_saver(saver)
         self._scaffold = scaffold
@@ -135,6 +136,8 @@ class CheckpointSaverHook(SessionRunHook):
         # Runs between bytecodes of the training thread: only set flags here.
         self._preempted = True
         self._due = 0
+        if self._session_handle is not None:
+            self._session_handle.wake()
 
     def _restore_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -198,6 +201,7 @@ class CheckpointSaverHook(SessionRunHook):
             self._save(session, step)
         self._timer.update_last_triggered_step(step)
         self._due = 0  # the first run still writes the graph
+        self._session_handle = session
 
     def _replay_save(self, session, step, info):
         for listener in self._listeners:
@@ -220,6 +224,9 @@ class CheckpointSaverHook(SessionRunHook):
             if self._save(run_context.session, step):
                 run_context.request_stop()
         self._due = _next_due(self._timer)
+
+    def _quiet_until(self):
+        return self._due
 
     def end(self, session):
         self._restore_signal_handlers()
@@ -365,7 +372,11 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
 
     def after_create_session(self, session, coord):
         self._session = session
+        self._writer.on_complete = session.wake  # its after_save runs at the next step boundary
         super().after_create_session(session, coord)
+
+    def _quiet_until(self):
+        return 0 if self._writer.completed else self._due
 
     def after_run(self, run_context, run_values):
         if self._writer.completed and self._dispatch_completed(run_context.session):

@@ -19,6 +19,8 @@ over a small, picklable handle with what hooks actually used the session for:
 ==================  ==========================================================
 """
 
+import threading
+import time
 from typing import Optional
 
 from rayhooks.session_run_hook import GLOBAL_STEP
@@ -73,11 +75,33 @@ class SessionHandle:
         self.outputs = {}
         self.saver = saver
         self._store = store
+        self._woken = False
+        self._alarm = None
+
+    def wake(self) -> None:
+        """Makes the next run call every hook: for hooks whose state changes outside the loop.
+
+        Hooks that declare `_quiet_until` are skipped on runs that cannot
+        trigger them; a signal, a finished background save or a plan from
+        the chief calls this (from any thread) to end such a quiet stretch.
+        """
+        self._woken = True
+
+    def wake_in(self, seconds: float) -> None:
+        """Calls `wake()` after `seconds`, from a timer thread (the earliest of pending requests wins)."""
+        if self._alarm is None:
+            self._alarm = Alarm(self.wake)
+        self._alarm.set(seconds)
+
+    def _close_alarm(self) -> None:
+        if self._alarm is not None:
+            self._alarm.close()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["saver"] = None
         state["outputs"] = {}
+        state["_alarm"] = None
         return state
 
     def __repr__(self):
@@ -110,3 +134,41 @@ class SessionHandle:
             raise ValueError("nothing to restore into: pass into=..., or give the session state=")
         saver.restore(self._store.reader(chosen))
         return chosen.step
+
+
+class Alarm:
+    """One daemon thread that calls `fn` at the earliest requested time; `pending` is that time."""
+
+    def __init__(self, fn, clock=time.monotonic):
+        self._fn = fn
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.pending = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="rayhooks-alarm", daemon=True)
+        self._thread.start()
+
+    def set(self, seconds: float) -> None:
+        at = self._clock() + max(0.0, seconds)
+        with self._cond:
+            if self.pending is None or at < self.pending:
+                self.pending = at
+                self._cond.notify()
+
+    def _loop(self):
+        with self._cond:
+            while not self._closed:
+                if self.pending is None:
+                    self._cond.wait()
+                    continue
+                left = self.pending - self._clock()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.pending = None
+                self._fn()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()

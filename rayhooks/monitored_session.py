@@ -75,6 +75,9 @@ class MonitoredSession:
                 hook._set_steps_per_run(steps_per_run)
         self._before = [h for h in self._hooks if _overrides(h, "before_run")]
         self._after = [h for h in self._hooks if _overrides(h, "after_run")]
+        quiet = [_quiet_until_of(h) for h in self._hooks]
+        self._quiet_fns = quiet if all(fn is not None for fn in quiet) else None
+        self._quiet_until = 0  # runs ending before this step need no hook (every hook said so)
         saver = (scaffold.saver if scaffold is not None and scaffold.saver is not None else None)
         self.saver = as_saver(saver if saver is not None else state)
         self.handle = SessionHandle(checkpoint_dir=checkpoint_dir, summary_dir=summary_dir,
@@ -114,9 +117,27 @@ class MonitoredSession:
 
     def run(self, step_fn, *args, **kwargs):
         """Runs `step_fn(*args, **kwargs)` with the hooks; returns what it returns."""
+        handle = self.handle
+        stale = handle.global_step
+        if stale + self._steps_per_run < self._quiet_until and not handle._woken:
+            # No hook can act on this run (each declared it): only the step and its count.
+            result = step_fn(*args, **kwargs)
+            if not handle._woken:
+                handle.global_step = stale + self._steps_per_run
+                if self._keep_outputs:
+                    handle.outputs = as_outputs(result)
+                return result
+            # Woken while the step ran (a save committed, a signal, a plan from the chief):
+            # the hooks see this step as usual. Their before_run comes after the step, which
+            # none can tell: feeds are refused, and fetches resolve against the step's outputs.
+            return self._run_hooks(step_fn, (), {}, True, result)
         if self._should_stop:
             raise RuntimeError("Run called even after should_stop requested.")
+        return self._run_hooks(step_fn, args, kwargs, False, None)
+
+    def _run_hooks(self, step_fn, args, kwargs, ran, result):
         handle = self.handle
+        handle._woken = False  # before the hooks: a wake-up while they run is kept
         cached_fn, original = self._args_cache
         if cached_fn is not step_fn:
             original = SessionRunArgs(step_fn)
@@ -134,7 +155,8 @@ class MonitoredSession:
                         requests = {}
                     requests[hook] = request.fetches
         stale = handle.global_step
-        result = step_fn(*args, **kwargs)
+        if not ran:
+            result = step_fn(*args, **kwargs)
         handle.global_step = stale + self._steps_per_run
         if requests is None:
             if self._keep_outputs:
@@ -150,6 +172,8 @@ class MonitoredSession:
                 hook.after_run(context, values)
         if context._stop_requested:
             self._should_stop = True
+        elif self._quiet_fns is not None:
+            self._quiet_until = min((fn() for fn in self._quiet_fns), default=_ALWAYS_QUIET)
         return result
 
     def close(self):
@@ -160,6 +184,8 @@ class MonitoredSession:
             raise RuntimeError("Session is already closed.")
         self._closed = True
         self._should_stop = True  # a closed session runs nothing more
+        self._quiet_until = 0
+        self.handle._close_alarm()
         if exc_type is None:
             for hook in self._hooks:
                 hook.end(self.handle)
@@ -175,6 +201,26 @@ class MonitoredSession:
 
 
 _NO_VALUES = SessionRunValues(None, None, None)
+_ALWAYS_QUIET = 1 << 62  # no hook at all
+
+
+def _quiet_until_of(hook):
+    """The hook's `_quiet_until` if its run methods are those it was written for, else None.
+
+    `_quiet_until()` returns a step: runs whose global step after the run is
+    below it cannot make the hook act, so the session may skip its
+    `before_run` and `after_run`. A subclass that overrides either method
+    (or an instance that replaces one) might act on any run: it is always called.
+    """
+    fn = getattr(hook, "_quiet_until", None)
+    if fn is None:
+        return None
+    cls = type(hook)
+    owner = next(c for c in cls.__mro__ if "_quiet_until" in vars(c))
+    for name in ("before_run", "after_run"):
+        if name in vars(hook) or getattr(cls, name) is not getattr(owner, name):
+            return None
+    return fn
 
 
 def MonitoredTrainingSession(master="", is_chief=True, checkpoint_dir=None, scaffold=None, hooks=None,

@@ -51,7 +51,9 @@ class SummarySaverHook(SessionRunHook):
     def before_run(self, run_context):
         # TF1 fetched the global step on every run; the session already knows it,
         # so a step without a summary asks for nothing and costs no fetch.
-        next_step = self._next_step
+        # The step after this run, from the session: runs the session skipped (see
+        # `_quiet_until`) left `_next_step` behind, and it was always this otherwise.
+        next_step = None if self._next_step is None else run_context.session.global_step + 1
         if next_step is not None and next_step < self._due:
             self._request_summary = False
             return None
@@ -86,6 +88,9 @@ class SummarySaverHook(SessionRunHook):
                         name = op if isinstance(op, str) else "summary"
                     self._summary_writer.add_summary(_as_summary(name, value), global_step)
         self._next_step = global_step + 1
+
+    def _quiet_until(self):
+        return 0 if self._next_step is None else self._due
 
     def end(self, session=None):
         if self._summary_writer:

@@ -53,6 +53,7 @@ class WorkerAgent(SessionRunHook):
         self._stop_step = _NEVER
         self._next_report = 0.0
         self._report_by = 0.0
+        self._session = None
         self._outputs = {}
         self._shards = []
         self._skipped = []
@@ -99,6 +100,7 @@ class WorkerAgent(SessionRunHook):
         self._preempted = True
         self._next_report = 0.0
         self._next_step = 0
+        self._wake()
 
     def abort(self) -> None:
         """Stops this worker at its next step, with no final save: a peer failed."""
@@ -116,7 +118,14 @@ class WorkerAgent(SessionRunHook):
             if update.get("report_in") is not None:  # a seconds deadline: report right after it
                 self._report_by = self._clock() + update["report_in"]
                 self._next_report = min(self._next_report, self._report_by)
+                if self._session is not None:
+                    self._session.wake_in(update["report_in"])
             self._next_step = min(self._actions[0][0] if self._actions else _NEVER, self._stop_step)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._session is not None:
+            self._session.wake()
 
     # -- in the training loop ---------------------------------------------------
 
@@ -142,8 +151,22 @@ class WorkerAgent(SessionRunHook):
             self._run_due(step, session)
             if step >= self._stop_step:
                 run_context.request_stop()
-        if self._clock() >= self._next_report:
+        now = self._clock()
+        if now >= self._next_report:
             self.flush_report(step)
+        else:
+            self._arm(now)
+
+    def _arm(self, now) -> None:
+        """Makes the session call this hook again when the next report is due."""
+        alarm = self._session._alarm
+        if alarm is None or alarm.pending is None or alarm.pending > self._next_report:
+            self._session.wake_in(self._next_report - now)
+
+    def _quiet_until(self):
+        # Reports every run (report_interval=0) keep every run; otherwise the alarm wakes
+        # the session for each report, and runs in between only compare the step.
+        return 0 if self._interval <= 0 else self._next_step
 
     def _run_due(self, step, session):
         due = []
@@ -200,6 +223,7 @@ class WorkerAgent(SessionRunHook):
             with self._lock:
                 self._shards.append((step, index, files, health))
             self._next_report = 0.0
+            self._wake()  # the chief commits once every shard is reported: report it at the next step
             return files
 
         future = writer.submit(step, estimate, persist)
@@ -230,6 +254,8 @@ class WorkerAgent(SessionRunHook):
         self._next_report = now + self._interval
         if self._report_by > now:  # a deadline hint that arrived while this report was made
             self._next_report = min(self._next_report, self._report_by)
+        if self._session is not None:
+            self._arm(now)
 
     def end(self, session):
         if self._aborted:

@@ -38,6 +38,7 @@ class BackgroundWriter:
         self._in_flight_bytes = 0
         self._error = None
         self.completed = collections.deque()   # (step, result), appended by the writer thread
+        self.on_complete = None                # called by the writer thread after each append
         self.peak_in_flight_bytes = 0
         self._unwritten = 0        # bytes of submitted snapshots not yet written, for progress bars
         self._job_written = 0
@@ -100,6 +101,8 @@ class BackgroundWriter:
         try:
             result = job()
             self.completed.append((step, result))
+            if self.on_complete is not None:
+                self.on_complete()
             return result
         except BaseException as e:
             logger.error("[step=%d] %s failed in the background: %s", step, self.what, e)
