@@ -110,6 +110,5 @@ def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch):
     with direct_io.open_for_write(path) as f:
         for piece in pieces:
             f.write(piece)
-        assert not f.direct
-    assert refused
+    assert refused and not f.direct
     assert np.array_equal(np.fromfile(path, np.uint8), data)
