@@ -342,6 +342,16 @@ class Chief:
         if step in self.committed:
             logger.warning("[step=%d] already committed; ignoring a second set of shards", step)
             return
+        if self.committed and step < max(self.committed):
+            # Its shards arrived after a newer commit (a report retried across a chief restart):
+            # that commit's clean-up may already have collected these files as partials, and
+            # committing now would name files that are gone. Commits only move forward.
+            logger.warning("[step=%d] its shards arrived after step %d was committed; not committing it",
+                           step, max(self.committed))
+            self.skipped_saves += 1
+            self._announced.pop(step * 2, None)
+            self.planner.done(Action(step, CHECKPOINT))
+            return
         info = ck.store.commit(step, files, extra={
             "num_workers": self.num_workers, "writers": sorted(shards),
             # what a restarted chief needs to follow the workers' step rules

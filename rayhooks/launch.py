@@ -44,7 +44,7 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
            resources_per_worker: Optional[dict] = None, placement_strategy: str = "PACK",
            all_workers_write: bool = False, tf_config: bool = True, report_interval: float = 0.25,
            ray_init_kwargs: Optional[dict] = None, placement_timeout_s: float = 600,
-           max_failures: int = 0, name: Optional[str] = None) -> LaunchResult:
+           max_failures: int = 0, name: Optional[str] = None, worker_niceness: Optional[int] = 0) -> LaunchResult:
     """Runs `train_fn(ctx)` on `num_workers` workers with a chief that owns the schedule.
 
     Args:
@@ -80,6 +80,13 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         carry on. Past the limit, `launch` raises the worker's error.
       name: names the run's Ray actors `rayhooks-<name>-worker-<i>`
         (default: a random name).
+      worker_niceness: the nice value of each Ray worker's process. Ray
+        starts workers at 15, below every other process on the node, so
+        Ray's own daemons and the kernel's I/O threads (busy while a
+        checkpoint is written) preempt the training loop; rayhooks starts
+        its workers at 0, as Ray's job supervisor does for itself. None
+        keeps Ray's setting. The chief actor gets the same value, so that
+        busy workers do not starve it. Ignored by the local backend.
     """
     if num_workers < 1:
         raise ValueError("num_workers must be >= 1, got %r" % (num_workers,))
@@ -94,9 +101,11 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         raise ValueError("max_failures must be >= 0, got %r" % (max_failures,))
     import uuid
     name = name or uuid.uuid4().hex[:8]
-    runner = _run_local if backend == "local" else _run_ray
-    return runner(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
-                  report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name)
+    if backend == "local":
+        return _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
+                          report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name)
+    return _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
+                    report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name, worker_niceness)
 
 
 def announce_latency(report_interval: float) -> float:
@@ -184,7 +193,7 @@ def _ensure_ray(ray_init_kwargs):
 
 
 def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
-             report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name):
+             report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name, worker_niceness=0):
     ray = _ensure_ray(ray_init_kwargs)
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -200,7 +209,11 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                                                ray.cluster_resources()))
     # A chief that dies is restarted by Ray and rebuilds itself from storage; calls in
     # flight to it (reports, the end of a worker's loop) are retried on the new one.
-    chief = ChiefActor.options(max_restarts=max(1, max_failures), max_task_retries=-1).remote(
+    # Ray reads RAY_worker_niceness from an actor's runtime env when it starts the process. The
+    # chief gets the workers' value: at Ray's 15 it would starve behind busy workers at 0.
+    runtime_env = None if worker_niceness is None else {"env_vars": {"RAY_worker_niceness": str(int(worker_niceness))}}
+    chief = ChiefActor.options(max_restarts=max(1, max_failures), max_task_retries=-1,
+                               runtime_env=runtime_env).remote(
         spec, num_workers, report_interval, ["rayhooks-%s-worker-%d" % (name, i) for i in range(num_workers)])
     workers = []
     options = {k.lower(): v for k, v in resources.items() if k in ("CPU", "GPU")}
@@ -211,6 +224,7 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
             name="rayhooks-%s-worker-%d" % (name, i),
             num_cpus=options.get("cpu", 0), num_gpus=options.get("gpu", 0), resources=custom or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            runtime_env=runtime_env,
         ).remote(i, num_workers, spec, hooks, chief, report_interval) for i in range(num_workers)]
         ray.get(chief.connect.remote(workers))
         if tf_config:

@@ -140,7 +140,9 @@ class WorkerAgent(SessionRunHook):
             run_context._stop_requested = False  # not yet: every worker must stop at the same step
             self._stop_requested = True
             self._next_report = 0.0
-        if step >= self._next_step:
+        # A preemption is looked at on its own: a plan arriving from the chief's thread
+        # recomputes _next_step and may overwrite the 0 that preempt() set.
+        if step >= self._next_step or (self._preempted and not self._preemption_reported):
             if self._aborted:
                 run_context.request_stop()
                 return

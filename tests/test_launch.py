@@ -590,3 +590,22 @@ def test_launch_carries_the_hooks_failure_and_signal_policies_to_the_workers(ckp
     assert spec.checkpoint.on_write_error == "retry_next_save"
     assert spec.checkpoint.save_on_signals == (signal.SIGUSR1,)
     assert build_spec([rh.CheckpointSaverHook(ckpt_dir, save_steps=2)]).checkpoint.on_write_error == "raise"
+
+
+def _report_niceness(ctx):
+    import os
+    with ctx.session() as sess:
+        while not sess.should_stop():
+            sess.run(lambda: None)
+    return os.nice(0)
+
+
+@pytest.mark.parametrize("niceness,expected", [("default", 0), (7, 7)])
+def test_ray_workers_run_at_the_niceness_asked_for(ray_session, niceness, expected):
+    """Ray starts worker processes at nice 15; training workers run at 0 unless told otherwise."""
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    kwargs = {} if niceness == "default" else {"worker_niceness": niceness}
+    result = rh.launch(_report_niceness, 1, backend="ray", tf_config=False,
+                       hooks=[rh.StopAtStepHook(last_step=2)], **kwargs)
+    assert result.worker_results == [expected]

@@ -446,3 +446,21 @@ def test_worker_reports_right_after_the_deadline_the_chief_named():
     step(0.01)
     step(0.01)
     assert reports.steps[:2] == [1, 14] and reports.steps[2] in (39, 40)  # then periodic: 0.25 s later
+
+
+def test_chief_never_commits_a_step_older_than_its_latest_commit(tmp_path):
+    """Shards of step 20 that arrive after 40 committed (a report retried across a chief restart):
+    40's clean-up may have collected them as partials, so 20 must not become a checkpoint."""
+    clock = rh.ManualClock(0.0)
+    chief, listener, sent, store = _chief(tmp_path, clock, num_workers=1, save_steps=20)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0)], {})
+    late = _shard(store, 20)
+    chief.report(0, 41, 2.0, {}, [_shard(store, 40)], {})
+    assert chief.committed == [0, 40]
+    chief.report(0, 42, 3.0, {}, [late], {})
+    assert chief.committed == [0, 40]
+    assert [info.step for info in store.committed()] == [0, 40]
+    assert chief.skipped_saves == 1
+    assert ("after_save", 20) not in listener.trace
