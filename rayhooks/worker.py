@@ -99,8 +99,7 @@ class WorkerAgent(SessionRunHook):
         """Called from a SIGTERM handler: only flags, acted on at the next step boundary."""
         self._preempted = True
         self._next_report = 0.0
-        self._next_step = 0
-        self._wake()
+        self._wake()  # after_run looks at _preempted itself
 
     def abort(self) -> None:
         """Stops this worker at its next step, with no final save: a peer failed."""
