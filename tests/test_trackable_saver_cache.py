@@ -365,3 +365,58 @@ def test_legacy_saveable_is_asked_for_its_tensors_at_every_save(tf, tmp_path, mo
     fresh = Legacy([0.0, 0.0])
     tf.train.Checkpoint(legacy=fresh, v=tf.Variable(0.0)).restore(second).assert_consumed()
     np.testing.assert_array_equal(fresh.variable.numpy(), [5.0, 6.0])
+
+
+def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_its_step(tf, tmp_path):
+    from rayhooks import savers
+    count = savers._BATCH_READS + 4
+    sizes = [8 if i % 2 else 1 << 15 for i in range(count)]  # small, and large (left in copy-on-read first)
+    variables = {"v%d" % i: tf.Variable(np.full(n, float(i), np.float32)) for i, n in enumerate(sizes)}
+    variables["label"] = tf.Variable(b"cat\x00")
+    variables["steps"] = tf.Variable(np.int64(0))
+    ckpt = tf.train.Checkpoint(**variables)
+    saver = rh.TrackableSaver(ckpt)
+    saver.snapshot().done()  # the plan is made here
+    plan = saver._plan
+    assert plan.trace_idle.is_set() and plan._read_all is None
+    saver.snapshot().done()  # and reused: its read function is traced on a thread
+    assert plan.trace_idle.wait(120), "the read function was not traced in 120 s"
+    assert plan._read_all is not None
+    assert plan.trace_secs > 0
+
+    held = []
+    for step in range(1, 3):
+        for i in range(count):
+            variables["v%d" % i].scatter_nd_add([[0]], [1.0])  # copy-on-read mode: the read must leave it
+        variables["steps"].assign_add(1)
+        held.append((step, saver.snapshot()))
+    assert saver._plan is plan
+    for i in range(count):
+        variables["v%d" % i].assign_add(tf.fill(variables["v%d" % i].shape, 100.0))  # after both snapshots
+    for step, snapshot in held:
+        for i, n in enumerate(sizes):
+            expected = np.full(n, float(i), np.float32)
+            expected[0] += step
+            value = snapshot.tensors["v%d/.ATTRIBUTES/VARIABLE_VALUE" % i]
+            np.testing.assert_array_equal(value, expected)
+            # A copy of its own: a view of TF's buffer would make the next step copy the variable.
+            assert value.flags.owndata
+        assert int(snapshot.tensors["steps/.ATTRIBUTES/VARIABLE_VALUE"]) == step
+        assert snapshot.tensors["label/.ATTRIBUTES/VARIABLE_VALUE"] == b"cat\x00"
+        snapshot.done()
+    _assert_same_as_tf(tf, ckpt, _save(saver, tmp_path, 3), tmp_path)
+
+
+def test_dependency_added_to_a_variable_is_in_the_next_checkpoint(tf, tmp_path, monkeypatch):
+    # The graph walk skips asking plain variables for children; one that gained a child is asked.
+    w = tf.Variable(np.ones(3, np.float32))
+    ckpt = tf.train.Checkpoint(w=w)
+    gathers = _Gathers(monkeypatch, ckpt)
+    saver = rh.TrackableSaver(ckpt)
+    _save(saver, tmp_path, 1)
+
+    w._track_trackable(tf.Variable(np.float32(5.0)), name="scale")
+    second = _save(saver, tmp_path, 2)
+    assert gathers.calls == 2
+    _assert_same_as_tf(tf, ckpt, second, tmp_path)
+    assert tf.train.load_checkpoint(second).get_tensor("w/scale/.ATTRIBUTES/VARIABLE_VALUE") == 5.0
