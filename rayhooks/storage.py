@@ -359,12 +359,18 @@ def _with_url(exc: BaseException, what: str, url: str, attempts: int) -> BaseExc
     """The same kind of exception, with the URL and attempt count in its message."""
     if is_credentials_error(exc):
         return PermissionError("%s %s: %s" % (what, url, _credentials_help(url, exc)))
-    msg = "%s %s failed after %d attempt(s): %s" % (what, url, attempts, exc)
-    if url in str(exc):
-        msg = "%s failed after %d attempt(s): %s" % (what, attempts, exc)
+    detail = str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        detail = detail.replace("[Errno %d] " % exc.errno, "", 1)  # the new error carries the errno itself
+    msg = "%s %s failed after %d attempt(s): %s" % (what, url, attempts, detail)
+    if url in detail:
+        msg = "%s failed after %d attempt(s): %s" % (what, attempts, detail)
     if type(exc).__module__ == "builtins":
         try:
-            return type(exc)(msg)  # the same builtin kind, so callers can still tell errors apart
+            # The same builtin kind, and errno, so callers can still tell errors apart (ENOSPC).
+            if isinstance(exc, OSError) and exc.errno is not None:
+                return type(exc)(exc.errno, msg)
+            return type(exc)(msg)
         except TypeError:
             pass
     return OSError(msg)

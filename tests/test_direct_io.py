@@ -22,7 +22,8 @@ def _pieces(total, seed):
 
 @needs_direct
 @pytest.mark.parametrize("total", [0, 1, 4095, 4096, 4097, direct_io.STAGING_BYTES,
-                                   2 * direct_io.STAGING_BYTES + 12345])
+                                   2 * direct_io.STAGING_BYTES + 12345,
+                                   (direct_io.IN_FLIGHT + 3) * direct_io.STAGING_BYTES + 7])  # buffers reused
 def test_direct_file_holds_exactly_the_bytes_written(tmp_path, total):
     path = str(tmp_path / "f")
     data, pieces = _pieces(total, total)
@@ -95,16 +96,16 @@ def test_a_filesystem_refusing_o_direct_at_open_gets_a_buffered_file(tmp_path, m
 def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch):
     # As above, simulated: some network and FUSE filesystems accept the flag at open and
     # fail the writes with EINVAL. The first write is refused; the rest must go buffered.
-    real_write = os.write
+    real_pwrite = os.pwrite
     refused = []
 
-    def refusing_write(fd, data):
+    def refusing_pwrite(fd, data, offset):
         if not refused:
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(direct_io.os, "write", refusing_write)
+    monkeypatch.setattr(direct_io.os, "pwrite", refusing_pwrite)
     path = str(tmp_path / "f")
     data, pieces = _pieces(direct_io.STAGING_BYTES + 100, 4)
     with direct_io.open_for_write(path) as f:
@@ -112,3 +113,25 @@ def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch):
             f.write(piece)
     assert refused and not f.direct
     assert np.array_equal(np.fromfile(path, np.uint8), data)
+
+
+@needs_direct
+def test_a_disk_error_in_a_background_write_reaches_the_writer(tmp_path, monkeypatch):
+    # Simulated: a full disk (ENOSPC) on the third buffer, written by an I/O thread.
+    real_pwrite = os.pwrite
+
+    def failing_pwrite(fd, data, offset):
+        if offset >= 2 * direct_io.STAGING_BYTES:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", failing_pwrite)
+    storage = Storage(str(tmp_path))
+    data = np.zeros((direct_io.IN_FLIGHT + 3) * direct_io.STAGING_BYTES, np.uint8)
+    with pytest.raises(OSError) as raised:
+        storage.write_with("data", lambda f: f.write(data))
+    assert raised.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(direct_io.os, "pwrite", real_pwrite)
+    storage.write_with("data", lambda f: f.write(b"z" * 5000))  # the buffers came back whole
+    assert open(tmp_path / "data", "rb").read() == b"z" * 5000
