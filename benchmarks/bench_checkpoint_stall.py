@@ -626,7 +626,7 @@ def _report(results, memory, sizes, raytrain=None):
             r = per["rh_async_tf"]
             extra_us = statistics.median(s - a for s, a in zip(r["stalls"], r["anchors"])) * 1e6 / parts
             traced = ("; the second save started a background trace of the variable reads into one TF function "
-                      "(%.1f s, while training went on), finished before the next save" % r["trace_secs"]
+                      "(%.1f s, while training went on; the benchmark waits for it before the next save)" % r["trace_secs"]
                       if r.get("trace_secs") else "")
             tf2 = per.get("tf2_write_async")
             tf2_first = ("; TF2's async write stalled the loop %.2f s at its first save after the first"

@@ -15,13 +15,14 @@ requests is honoured. Where TF1's async hook read variables while training
 moved on, the snapshot here is consistent: it holds the state after step S.
 """
 
+import contextlib
 import logging
 import signal
 import threading
 import time
 
 from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
-from rayhooks.savers import as_saver
+from rayhooks.savers import as_saver, final_snapshot
 from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage
 from rayhooks.summary_writer import SummaryWriterCache
@@ -153,7 +154,7 @@ class CheckpointSaverHook(SessionRunHook):
         if self._writer.wait_idle():
             self._drain(run_context.session)
         if step != self._last_saved_step():
-            CheckpointSaverHook._save(self, run_context.session, step)
+            CheckpointSaverHook._save(self, run_context.session, step, final=True)
             self._timer.update_last_triggered_step(step)
         run_context.request_stop()
 
@@ -240,7 +241,7 @@ class CheckpointSaverHook(SessionRunHook):
 
     # -- one save --------------------------------------------------------------
 
-    def _snapshot_and_submit(self, session, step, wait):
+    def _snapshot_and_submit(self, session, step, wait, final=False):
         """before_save, snapshot, hand to the writer; returns the future, or None if skipped."""
         writer = self._writer
         self._check_writer()
@@ -256,7 +257,8 @@ class CheckpointSaverHook(SessionRunHook):
             for listener in self._listeners:
                 listener.before_save(session, step)
             started = time.perf_counter()
-            snapshot = self._get_saver(session).snapshot()
+            with final_snapshot() if final else contextlib.nullcontext():
+                snapshot = self._get_saver(session).snapshot()
             self.last_stall_secs = time.perf_counter() - started
         except BaseException:
             writer.release(estimate)
@@ -284,13 +286,14 @@ class CheckpointSaverHook(SessionRunHook):
 
         return writer.submit(step, estimate, persist_and_commit)
 
-    def _save(self, session, step, progress=False):
+    def _save(self, session, step, progress=False, final=False):
         """Saves `step` and waits until it is committed; True if a listener asked to stop.
 
-        With `progress` (the final save), a wait over a second shows a bar of the bytes left.
+        With `progress` (the final save), a wait over a second shows a bar of the bytes left;
+        `final`: the run's last save (its end, a preemption).
         """
         logger.info("[step=%d] Saving checkpoints for %d into %s.", step, step, self._save_path)
-        future = self._snapshot_and_submit(session, step, wait=True)
+        future = self._snapshot_and_submit(session, step, wait=True, final=final or progress)
         if progress:
             self._wait_for_uploads()
         try:

@@ -27,8 +27,8 @@ import numpy as np
 
 ALIGN = 4096                 # the logical block size O_DIRECT offsets and lengths must be multiples of
 STAGING_BYTES = 8 << 20      # one staging buffer: large writes, few syscalls
-# Buffers on their way to the disk at once. On the benchmark VM's disk 1, 3 and 6 measured the same
-# (64 and 512 MB files, within noise), so one, and the least staging memory; a drive that reaches
+# Writes on their way to the disk at once, per file. On the benchmark VM's disk 2 and 4 measured as
+# 1 (64 and 512 MB files, within noise), so one, and the least staging memory; a drive that reaches
 # its speed only with several requests queued (NVMe) may want more.
 IN_FLIGHT = max(1, int(os.environ.get("RAYHOOKS_DIRECT_IO_DEPTH", "1")))
 _ENV = "RAYHOOKS_DIRECT_IO"
@@ -53,7 +53,10 @@ def _give_back(buf: mmap.mmap) -> None:
         if len(_pool) < 2 * (IN_FLIGHT + 1):
             _pool.append(buf)
             return
-    buf.close()
+    try:
+        buf.close()
+    except BufferError:  # still exported somewhere: unmapped when that goes
+        pass
 
 
 def open_for_write(path: str):
@@ -118,16 +121,25 @@ class DirectFile:
     def __init__(self, fd: int, path: str, in_flight: int = None):
         self._fd = fd
         self.name = path
-        count = max(1, IN_FLIGHT if in_flight is None else in_flight) + 1
-        self._bufs = [_take_buffer() for _ in range(count)]
+        self._depth = max(1, IN_FLIGHT if in_flight is None else in_flight)
+        self._bufs = []
+        try:
+            for _ in range(self._depth + 1):
+                self._bufs.append(_take_buffer())
+        except BaseException:
+            for buf in self._bufs:
+                _give_back(buf)
+            os.close(fd)
+            raise
         self._views = [memoryview(b) for b in self._bufs]
         self._stages = [np.frombuffer(v, np.uint8) for v in self._views]
-        self._free = list(range(count - 1))
-        self._current = count - 1
+        self._free = list(range(self._depth))
+        self._current = self._depth
         self._fill = 0
         self._size = 0
         self._offset = 0   # where the current buffer's bytes go in the file
         self._pending = collections.deque()  # (future, buffer index), oldest first
+        self._flag_lock = threading.Lock()
         self.direct = True
         self.closed = False
 
@@ -149,39 +161,56 @@ class DirectFile:
             pos += take
             if self._fill == cap:
                 self._submit(cap)
-                self._current = self._next_free()
+                self._current = self._free.pop()
                 self._fill = 0
         self._size += n
         return n
 
     def _submit(self, nbytes: int) -> None:
+        while len(self._pending) >= self._depth:
+            self._free.append(self._wait_oldest(raise_error=True))
         view = self._views[self._current][:nbytes]
         self._pending.append((_io_pool().submit(self._drain, view, self._offset), self._current))
         self._offset += nbytes
 
-    def _next_free(self) -> int:
-        if self._free:
-            return self._free.pop()
-        future, index = self._pending.popleft()
-        future.result()  # raises the disk write's error here, in the writing thread
+    def _wait_oldest(self, raise_error: bool) -> int:
+        """Waits for the oldest write; its buffer index. Dropped from the queue only once it ended."""
+        future, index = self._pending[0]
+        if raise_error:
+            try:
+                future.result()  # raises the disk write's error here, in the writing thread
+            finally:
+                if future.done():
+                    self._pending.popleft()
+        else:
+            future.exception()
+            self._pending.popleft()
         return index
 
     def _drain(self, view, offset: int) -> None:
-        while view:
-            try:
-                written = os.pwrite(self._fd, view, offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
-                    raise
-                # Opened, yet direct writes refused (some network and FUSE filesystems): the
-                # flag is cleared on the open file and the same aligned write goes buffered.
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self.direct = False
-                continue
-            if written <= 0:
-                raise OSError(errno.EIO, "the disk accepted no bytes", self.name)
-            view = view[written:]
-            offset += written
+        try:
+            while view:
+                was_direct = self.direct
+                try:
+                    written = os.pwrite(self._fd, view, offset)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or not was_direct:
+                        raise
+                    # Opened, yet direct writes refused (some network and FUSE filesystems): the
+                    # flag is cleared on the open file and the same aligned write goes buffered.
+                    # Another write in flight may have been refused too, and retries likewise.
+                    with self._flag_lock:
+                        if self.direct:
+                            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                            self.direct = False
+                    continue
+                if written <= 0:
+                    raise OSError(errno.EIO, "the disk accepted no bytes", self.name)
+                view = view[written:]
+                offset += written
+        finally:
+            view.release()  # a traceback holding this slice must not keep the staging mmap exported
 
     def tell(self) -> int:
         return self._size
@@ -202,7 +231,7 @@ class DirectFile:
                 self._views[self._current][self._fill:padded] = bytes(padded - self._fill)
                 self._submit(padded)
             while self._pending:
-                self._pending.popleft()[0].result()
+                self._wait_oldest(raise_error=True)
             if self._fill:
                 os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
@@ -218,7 +247,7 @@ class DirectFile:
     def _release(self) -> None:
         # Every write must end before its buffer can be reused or the file closed.
         while self._pending:
-            self._pending.popleft()[0].exception()
+            self._wait_oldest(raise_error=False)
         os.close(self._fd)
         self._stages = None  # numpy's views first: a memoryview with exports cannot be released
         for view in self._views:
@@ -241,11 +270,11 @@ _pool_executor = None
 
 
 def _io_pool():
-    """The threads that write full staging buffers (one per concurrent file is plenty)."""
+    """The threads that write full staging buffers, shared by the files being written."""
     global _pool_executor
     with _pool_lock:
         if _pool_executor is None:
             import concurrent.futures
-            _pool_executor = concurrent.futures.ThreadPoolExecutor(max_workers=4,
+            _pool_executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * IN_FLIGHT),
                                                                    thread_name_prefix="rayhooks-direct-io")
         return _pool_executor

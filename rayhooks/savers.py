@@ -43,6 +43,19 @@ import numpy as np
 
 logger = logging.getLogger("rayhooks")
 
+_final = threading.local()
+
+
+@contextlib.contextmanager
+def final_snapshot():
+    """Snapshots taken inside are a run's last (its end, a preemption): they prepare nothing for later saves."""
+    before = getattr(_final, "on", False)
+    _final.on = True
+    try:
+        yield
+    finally:
+        _final.on = before
+
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
@@ -307,9 +320,11 @@ def _leaf_test(graph_view):
         if cls._trackable_children is not children or cls._checkpoint_dependencies is not dependencies:
             return False
         own = getattr(trackable, "__dict__", None)
-        # An object TF has not initialised yet gets an empty dependency list when asked.
-        return own is not None and "_trackable_children" not in own \
-            and not own.get("_self_unconditional_checkpoint_dependencies")
+        if own is None or "_trackable_children" in own:
+            return False
+        # As TF reads it (a proxy may keep it apart from the __dict__ it forwards); an
+        # object TF has not initialised yet gets an empty dependency list when asked.
+        return not getattr(trackable, "_self_unconditional_checkpoint_dependencies", None)
     return leaf
 
 
@@ -431,8 +446,11 @@ class _SnapshotPlan:
     def _start_trace(self) -> None:
         self._trace_due = False
         self.trace_idle.clear()
-        # Not a daemon: interpreter shutdown must not catch it inside TF.
-        threading.Thread(target=self._trace_reads, name="rayhooks-snapshot-trace").start()
+        try:
+            # Not a daemon: interpreter shutdown must not catch it inside TF.
+            threading.Thread(target=self._trace_reads, name="rayhooks-snapshot-trace").start()
+        except RuntimeError:  # no thread to be had (interpreter shutting down, thread limit): stay eager
+            self.trace_idle.set()
 
     def _trace_reads(self) -> None:
         """Makes `_read_all`: tracing and the first call take ~2 s for 500 variables, here off the loop."""
@@ -578,7 +596,9 @@ class _SnapshotPlan:
                 bufs = taken.setdefault(key, [])
                 tensors[key], n = _host_copy(value, pool, key, bufs)
                 nbytes += n
-        if self._trace_due:  # after the copies: the trace holds the GIL for much of its time
+        # After the copies, as the trace holds the GIL for much of its time; never for a
+        # run's last save, where it would only compete with the upload and delay the exit.
+        if self._trace_due and not getattr(_final, "on", False):
             self._start_trace()
         return Snapshot(tensors, nbytes, lambda: [pool.give(k, v) for k, v in taken.items()])
 

@@ -356,7 +356,7 @@ def _check_token_file(url: str, storage_options: dict) -> None:
 
 
 def _with_url(exc: BaseException, what: str, url: str, attempts: int) -> BaseException:
-    """The same kind of exception, with the URL and attempt count in its message."""
+    """The same kind of exception and errno, with the URL and attempt count in its message."""
     if is_credentials_error(exc):
         return PermissionError("%s %s: %s" % (what, url, _credentials_help(url, exc)))
     detail = str(exc)

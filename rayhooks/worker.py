@@ -20,6 +20,7 @@ collective ops in `MultiWorkerMirroredStrategy` never wait on a worker that
 left early.
 """
 
+import contextlib
 import heapq
 import logging
 import threading
@@ -28,6 +29,7 @@ import time
 from rayhooks.checkpoints import CheckpointStore
 from rayhooks.monitored_session import MonitoredSession
 from rayhooks.plan import CHECKPOINT, SUMMARY
+from rayhooks.savers import final_snapshot
 from rayhooks.handle import resolve_fetches
 from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage
@@ -206,7 +208,8 @@ class WorkerAgent(SessionRunHook):
             self._skipped.append(step)
             return
         started = time.perf_counter()
-        snapshot = session.saver.snapshot()
+        with final_snapshot() if final or self._preempted else contextlib.nullcontext():
+            snapshot = session.saver.snapshot()
         stall = time.perf_counter() - started
         self._last_nbytes = snapshot.nbytes
         store, index = self._store, self.worker_index

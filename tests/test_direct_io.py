@@ -93,25 +93,35 @@ def test_a_filesystem_refusing_o_direct_at_open_gets_a_buffered_file(tmp_path, m
 
 
 @needs_direct
-def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_direct_writes_refused_after_open_go_on_buffered(tmp_path, monkeypatch, in_flight):
     # As above, simulated: some network and FUSE filesystems accept the flag at open and
-    # fail the writes with EINVAL. The first write is refused; the rest must go buffered.
+    # fail every write on a file that has it with EINVAL. Writes already in flight when
+    # the first is refused are refused too; every one must go on buffered.
+    import fcntl
+    import threading
     real_pwrite = os.pwrite
     refused = []
+    # With several in flight, the first two refusals wait for each other: both were
+    # issued with the flag still set, and both must then go on buffered.
+    both = threading.Barrier(2, timeout=30) if in_flight > 1 else None
 
     def refusing_pwrite(fd, data, offset):
-        if not refused:
-            refused.append(fd)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            if both is not None and len(refused) <= 2:
+                both.wait()
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(direct_io.os, "pwrite", refusing_pwrite)
     path = str(tmp_path / "f")
-    data, pieces = _pieces(direct_io.STAGING_BYTES + 100, 4)
-    with direct_io.open_for_write(path) as f:
+    data, pieces = _pieces(5 * direct_io.STAGING_BYTES + 100, 4)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    with direct_io.DirectFile(fd, path, in_flight) as f:
         for piece in pieces:
             f.write(piece)
-    assert refused and not f.direct
+    assert len(refused) >= (2 if in_flight > 1 else 1) and not f.direct
     assert np.array_equal(np.fromfile(path, np.uint8), data)
 
 
@@ -125,13 +135,16 @@ def test_a_disk_error_in_a_background_write_reaches_the_writer(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(direct_io.os, "pwrite", failing_pwrite)
     storage = Storage(str(tmp_path))
+    storage.write_with("warm", lambda f: f.write(b"w"))  # the staging buffers are in the pool now
+    pooled = len(direct_io._pool)
+    monkeypatch.setattr(direct_io.os, "pwrite", failing_pwrite)
     data = np.zeros((direct_io.IN_FLIGHT + 3) * direct_io.STAGING_BYTES, np.uint8)
     with pytest.raises(OSError) as raised:
         storage.write_with("data", lambda f: f.write(data))
     assert raised.value.errno == errno.ENOSPC
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["warm"]
+    assert len(direct_io._pool) == pooled  # every staging buffer came back, none still being written
     monkeypatch.setattr(direct_io.os, "pwrite", real_pwrite)
-    storage.write_with("data", lambda f: f.write(b"z" * 5000))  # the buffers came back whole
+    storage.write_with("data", lambda f: f.write(b"z" * 5000))
     assert open(tmp_path / "data", "rb").read() == b"z" * 5000
