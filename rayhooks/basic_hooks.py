@@ -6,7 +6,7 @@ import numpy as np
 
 from rayhooks.session_run_hook import SessionRunArgs, SessionRunHook
 from rayhooks.summary_writer import SummaryWriterCache
-from rayhooks.timer import NeverTriggerTimer, SecondOrStepTimer
+from rayhooks.timer import NEVER_STEP, NeverTriggerTimer, SecondOrStepTimer
 
 logger = logging.getLogger("rayhooks")
 
@@ -76,8 +76,14 @@ class StepCounterHook(SessionRunHook):
         self._last_global_step = stale_global_step
 
     def _quiet_until(self):
-        nxt = self._timer.next_step_trigger()  # None for a seconds timer: every run checks the clock
-        return 0 if nxt is None else nxt
+        nxt = self._timer.next_step_trigger()
+        if nxt is not None:
+            return nxt
+        return 0 if self._timer.next_time_trigger() is None else NEVER_STEP  # seconds: see _quiet_deadline
+
+    def _quiet_deadline(self):
+        at = self._timer.next_time_trigger()
+        return None if at is None else (self._timer.clock, at)
 
 
 class LoggingTensorHook(SessionRunHook):

@@ -26,16 +26,23 @@ from rayhooks.savers import as_saver, final_snapshot
 from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage
 from rayhooks.summary_writer import SummaryWriterCache
-from rayhooks.timer import SecondOrStepTimer
+from rayhooks.timer import NEVER_STEP, SecondOrStepTimer
 from rayhooks.writer import BackgroundWriter
 
 logger = logging.getLogger("rayhooks")
 
 
-def _next_due(timer) -> float:
-    """The first step that can trigger `timer`: known for step schedules, any step for seconds."""
+def _next_due(timer):
+    """(the first step that can trigger `timer`, the clock reading from which it can, or None).
+
+    A step schedule names its step; a seconds schedule that has triggered names
+    its time (any step ending after it); before the first trigger, any step.
+    """
     nxt = timer.next_step_trigger()
-    return 0 if nxt is None else nxt
+    if nxt is not None:
+        return nxt, None
+    at = timer.next_time_trigger()
+    return (0, None) if at is None else (NEVER_STEP, at)
 
 
 class CheckpointSaverListener:
@@ -103,6 +110,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._summary_writer = None
         self._graph_written = False
         self._due = 0
+        self._due_at = None  # with a seconds schedule: the clock reading from which it can trigger
         self.last_stall_secs = None
 
     def _set_steps_per_run(self, steps_per_run):
@@ -212,8 +220,8 @@ class CheckpointSaverHook(SessionRunHook):
 
     def after_run(self, run_context, run_values):
         step = run_context.session.global_step
-        if step < self._due:
-            return  # the per-step path: one compare, no clock, no I/O (DESIGN I4)
+        if step < self._due and (self._due_at is None or self._timer.clock() < self._due_at):
+            return  # the per-step path: a compare (and a clock read), no I/O (DESIGN I4)
         if self._preempted:
             self._emergency_save(run_context)
             return
@@ -224,10 +232,14 @@ class CheckpointSaverHook(SessionRunHook):
             self._timer.update_last_triggered_step(step)
             if self._save(run_context.session, step):
                 run_context.request_stop()
-        self._due = _next_due(self._timer)
+        self._due, self._due_at = _next_due(self._timer)
 
     def _quiet_until(self):
         return self._due
+
+    def _quiet_deadline(self):
+        at = self._due_at
+        return None if at is None or self._due == 0 else (self._timer.clock, at)
 
     def end(self, session):
         self._restore_signal_handlers()

@@ -23,6 +23,7 @@ from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
 from rayhooks.savers import as_saver
 from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+from rayhooks.timer import NEVER_STEP
 
 logger = logging.getLogger("rayhooks")
 
@@ -77,7 +78,10 @@ class MonitoredSession:
         self._after = [h for h in self._hooks if _overrides(h, "after_run")]
         quiet = [_quiet_until_of(h) for h in self._hooks]
         self._quiet_fns = quiet if all(fn is not None for fn in quiet) else None
+        self._deadline_fns = [h._quiet_deadline for h in self._hooks if hasattr(h, "_quiet_deadline")]
         self._quiet_until = 0  # runs ending before this step need no hook (every hook said so)
+        self._deadline_clock = None  # and, with a seconds schedule, ending before this clock reading
+        self._deadline = 0.0
         saver = (scaffold.saver if scaffold is not None and scaffold.saver is not None else None)
         self.saver = as_saver(saver if saver is not None else state)
         self.handle = SessionHandle(checkpoint_dir=checkpoint_dir, summary_dir=summary_dir,
@@ -122,14 +126,17 @@ class MonitoredSession:
         if stale + self._steps_per_run < self._quiet_until and not handle._woken:
             # No hook can act on this run (each declared it): only the step and its count.
             result = step_fn(*args, **kwargs)
-            if not handle._woken:
+            clock = self._deadline_clock
+            if not handle._woken and (clock is None or clock() < self._deadline):
                 handle.global_step = stale + self._steps_per_run
                 if self._keep_outputs:
                     handle.outputs = as_outputs(result)
                 return result
-            # Woken while the step ran (a save committed, a signal, a plan from the chief):
-            # the hooks see this step as usual. Their before_run comes after the step, which
-            # none can tell: feeds are refused, and fetches resolve against the step's outputs.
+            # Woken while the step ran (a save committed, a signal, a plan from the chief), or
+            # a seconds schedule came due: the hooks see this step as usual. Their before_run
+            # comes after the step, which none can tell (rayhooks' hooks decide a seconds
+            # schedule in after_run, as TF's do): feeds are refused, and fetches resolve
+            # against the step's outputs.
             return self._run_hooks(step_fn, (), {}, True, result)
         if self._should_stop:
             raise RuntimeError("Run called even after should_stop requested.")
@@ -174,6 +181,18 @@ class MonitoredSession:
             self._should_stop = True
         elif self._quiet_fns is not None:
             self._quiet_until = min((fn() for fn in self._quiet_fns), default=_ALWAYS_QUIET)
+            self._deadline_clock = None
+            for fn in self._deadline_fns:
+                due = fn()
+                if due is None:
+                    continue
+                clock, at = due
+                if self._deadline_clock is None:
+                    self._deadline_clock, self._deadline = clock, at
+                elif clock is self._deadline_clock:
+                    self._deadline = min(self._deadline, at)
+                else:  # schedules on two clocks: no quiet runs
+                    self._quiet_until = 0
         return result
 
     def close(self):
@@ -201,7 +220,7 @@ class MonitoredSession:
 
 
 _NO_VALUES = SessionRunValues(None, None, None)
-_ALWAYS_QUIET = 1 << 62  # no hook at all
+_ALWAYS_QUIET = NEVER_STEP  # no hook at all
 
 
 def _quiet_until_of(hook):
@@ -209,7 +228,9 @@ def _quiet_until_of(hook):
 
     `_quiet_until()` returns a step: runs whose global step after the run is
     below it cannot make the hook act, so the session may skip its
-    `before_run` and `after_run`. A subclass that overrides either method
+    `before_run` and `after_run`. A hook on a seconds schedule also declares
+    `_quiet_deadline()`, a (clock, reading) pair or None: runs ending before
+    that reading cannot make it act either (it decides in `after_run`). A subclass that overrides either method
     (or an instance that replaces one) might act on any run: it is always called.
     """
     fn = getattr(hook, "_quiet_until", None)

@@ -12,6 +12,8 @@ from typing import Callable, Optional, Tuple
 
 Clock = Callable[[], float]
 
+NEVER_STEP = 1 << 62  # a step no run reaches: "not by step count" in the hooks' `_quiet_until`
+
 
 class ManualClock:
     """A clock for tests and simulations: time moves only when told to."""
@@ -38,6 +40,10 @@ class SecondOrStepTimer:
         self._every_steps = every_steps
         self._clock = clock or time.time
         self.reset()
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def every_secs(self):
@@ -74,6 +80,17 @@ class SecondOrStepTimer:
     def last_triggered_step(self) -> Optional[int]:
         return self._last_triggered_step
 
+    def next_time_trigger(self) -> Optional[float]:
+        """The clock reading from which a seconds-based timer triggers, known in advance.
+
+        None for a step-based timer or before the first trigger. A step that
+        ends before it cannot trigger this timer, so a session can skip the
+        hook on it and look at the clock alone.
+        """
+        if self._every_secs is None or self._last_triggered_time is None:
+            return None
+        return self._last_triggered_time + self._every_secs
+
     def next_step_trigger(self) -> Optional[int]:
         """The step at which a step-based timer triggers next, known in advance.
 
@@ -102,4 +119,7 @@ class NeverTriggerTimer:
         return None
 
     def next_step_trigger(self):
+        return None
+
+    def next_time_trigger(self):
         return None

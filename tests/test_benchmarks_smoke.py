@@ -93,8 +93,9 @@ def test_step_overhead_tiny_runs_every_loop():
         for kind in ("bare", "run", "loop"):
             _positive_finite(result.data[side][kind])
             assert len(result.data[side][kind]) >= cfg["repeats"]
-    assert len(result.rows) == 6 and all(len(r) == len(result.headers) for r in result.rows)
-    assert [isinstance(t.met, bool) for t in result.targets] == [True, True]
+    _positive_finite(result.data["rayhooks"]["defaults"])  # the loop with MonitoredTrainingSession's defaults
+    assert len(result.rows) == 7 and all(len(r) == len(result.headers) for r in result.rows)
+    assert [isinstance(t.met, bool) for t in result.targets] == [True, True, True]
     assert "µs/step" in result.markdown()
     assert result.data["raytrain"] is None  # tiny: the Ray Train anchor is skipped, and says so
     assert any("Ray Train anchor not run" in n for n in result.notes)
@@ -132,8 +133,8 @@ def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
                    "Peak RSS", "peak - before"):
         assert needle in text, needle
     target_lines = [line for line in text.splitlines() if line.startswith(("- MET", "- MISSED"))]
-    # 2 step-overhead targets, 2 per async saver, 1 memory target; listed at the top and per figure
-    assert len(target_lines) == 2 * (2 + 2 * 2 + 1)
+    # 3 step-overhead targets, 2 per async saver, 1 memory target; listed at the top and per figure
+    assert len(target_lines) == 2 * (3 + 2 * 2 + 1)
     printed = capsys.readouterr().out
     assert "Results written to %s" % out in printed
     assert "| loop" in printed and "| state" in printed
@@ -161,10 +162,10 @@ def test_ray_train_anchors_tiny(tiny_ray):
         assert len(rt[kind]) == cfg["rt_repeats"]
         _positive_finite(rt[kind])
     assert not rt["ray_started_here"] and rt["poll_secs"] == 0.2
-    assert len(result.rows) == 9 and all(len(r) == len(result.headers) for r in result.rows)
+    assert len(result.rows) == 10 and all(len(r) == len(result.headers) for r in result.rows)
     assert bench_step_overhead.RT_REPORT_LABEL in result.markdown()
     assert any("Ray Train anchor (no target)" in n for n in result.notes)
-    assert len(result.targets) == 2  # the anchor adds no target
+    assert len(result.targets) == 3  # the anchor adds no target
 
     # Figure 2: write the .npy directory + report(checkpoint), SYNC and ASYNC upload
     local = ("numpy_copy", "rh_async_numpy", "rh_sync_numpy")

@@ -15,6 +15,7 @@ import pytest
 
 import rayhooks as rh
 from rayhooks.handle import Alarm, SessionHandle
+from rayhooks.timer import NEVER_STEP
 
 WAIT = 30.0
 
@@ -164,3 +165,71 @@ def test_session_handle_wakes_and_pickles_without_its_alarm():
     copy = pickle.loads(pickle.dumps(handle))
     assert copy._alarm is None and copy._woken
     handle._close_alarm()
+
+
+class _Counting(rh.SessionRunHook):
+    """Counts the runs that reach the hooks; needs none itself."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def after_run(self, run_context, run_values):
+        self.runs += 1
+
+    def _quiet_until(self):
+        return NEVER_STEP
+
+
+class _RecordingCounter(rh.StepCounterHook):
+    """A StepCounterHook that keeps the steps it logged at (its run methods are StepCounterHook's)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.logged = []
+
+    def _log_and_record(self, elapsed_steps, elapsed_time, global_step):
+        self.logged.append((global_step, elapsed_steps))
+
+
+@pytest.mark.parametrize("hook_kind", ["sync", "async"])
+@pytest.mark.parametrize("steps_per_run", [1, 3])
+def test_seconds_schedules_skip_the_hooks_between_deadlines_and_act_where_calling_every_hook_does(
+        tmp_path, steps_per_run, hook_kind):
+    def run(directory, extra):
+        directory = str(tmp_path / directory)
+        clock = rh.ManualClock(1000.0)
+        counting, counter = _Counting(), _RecordingCounter(every_n_steps=None, every_n_secs=1.5, clock=clock)
+        kind = rh.CheckpointSaverHook if hook_kind == "sync" else rh.AsyncCheckpointSaverHook
+        options = {} if hook_kind == "sync" else {"in_flight": "wait"}
+        saver = kind(directory, save_secs=2.0, clock=clock, save_graph_def=False, max_to_keep=None, **options)
+        runs = 0
+        with rh.MonitoredSession(hooks=[rh.StopAtStepHook(last_step=120), saver, counter, counting] + extra,
+                                 state={"w": np.zeros(2, np.float32)}, steps_per_run=steps_per_run) as sess:
+            while not sess.should_stop():
+                # The deadlines pass while a step runs, as they do on a real clock.
+                sess.run(lambda: clock.advance(0.1 * steps_per_run))
+                runs += 1
+            last = sess.global_step
+        saved = [info.step for info in rh.CheckpointStore(rh.Storage(directory), "model.ckpt",
+                                                          rh.RetentionPolicy(None)).committed()]
+        return (last, saved, counter.logged), counting.runs, runs
+
+    quiet, quiet_calls, runs = run("quiet", [])
+    every, every_calls, _ = run("every", [_EveryRun()])
+    assert quiet == every
+    assert len(quiet[1]) >= 6 and len(quiet[2]) >= 5
+    assert every_calls == runs
+    # The hooks ran on the first run, at each save and each log (and after a background
+    # save finished, for the async hook), not on every run.
+    assert quiet_calls <= 2 + 2 * (len(quiet[1]) + len(quiet[2])) < runs
+
+
+def test_seconds_schedules_on_two_clocks_keep_every_run_for_every_hook(tmp_path):
+    first, second = rh.ManualClock(0.0), rh.ManualClock(0.0)
+    counting = _Counting()
+    hooks = [rh.CheckpointSaverHook(str(tmp_path), save_secs=5.0, clock=first, save_graph_def=False),
+             rh.StepCounterHook(every_n_steps=None, every_n_secs=5.0, clock=second), counting]
+    with rh.MonitoredSession(hooks=hooks, state={"w": np.zeros(2, np.float32)}) as sess:
+        for _ in range(20):
+            sess.run(step)
+    assert counting.runs == 20
