@@ -15,7 +15,9 @@ without TensorFlow; it writes the same TF file format.
 
 Snapshot buffers are pooled: the host copy of a 512 MB state goes into
 buffers that were already paged in by the previous save, which is what keeps
-the stall near a plain `memcpy`.
+the stall near a plain `memcpy`. From 16 MB on, a second thread copies half
+the bytes (numpy drops the GIL while it copies), where the process may use
+two cores.
 
 `TrackableSaver` also keeps what TF's gather step found (the object graph
 proto, the checkpoint keys, which variables to read) in a `_SnapshotPlan`, as
@@ -26,6 +28,7 @@ ops per variable, which on a 64 MB state is most of the gap to the `memcpy`.
 From 16 variables on, the plan's reads also run as one TF function, traced on
 a background thread when a save first reuses the plan (about 2 s for 500
 variables, once per plan): ~4 us a variable where two eager ops cost ~40 us.
+Its copies go into buffers the plan reuses as one set per snapshot in flight.
 """
 
 import contextlib
@@ -95,6 +98,65 @@ class _BufferPool:
                 self._free.setdefault((key, arr.shape, arr.dtype), []).append(arr)
 
 
+_SPLIT_BYTES = 16 << 20  # from this many bytes a snapshot's copies are shared with a second thread
+_copier = None
+_copier_lock = threading.Lock()
+
+
+def _copy_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _copy_all(pairs, nbytes: int) -> None:
+    """`np.copyto(dst, src)` for each pair; from `_SPLIT_BYTES` on, half the bytes on a second thread.
+
+    The training loop waits for this copy, so a second core halves the wait
+    where memory bandwidth allows (numpy drops the GIL while it copies). The
+    pair that straddles the halfway mark is split, so one large array is
+    shared too.
+    """
+    global _copier
+    if nbytes < _SPLIT_BYTES or _copy_threads() < 2:
+        _copy_pairs(pairs)
+        return
+    half, done, mine = nbytes // 2, 0, []
+    for i, (dst, src) in enumerate(pairs):
+        if done + dst.nbytes <= half:
+            mine.append((dst, src))
+            done += dst.nbytes
+            continue
+        theirs = pairs[i + 1:]
+        cut = (half - done) // max(dst.itemsize, 1)
+        if cut and dst.flags.c_contiguous and src.flags.c_contiguous:
+            flat_dst, flat_src = dst.reshape(-1), src.reshape(-1)  # views: both are contiguous
+            mine.append((flat_dst[:cut], flat_src[:cut]))
+            theirs = [(flat_dst[cut:], flat_src[cut:])] + list(theirs)
+        else:
+            theirs = [(dst, src)] + list(theirs)
+        break
+    else:
+        theirs = []
+    with _copier_lock:
+        if _copier is None:
+            import concurrent.futures
+            _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayhooks-copy")
+        copier = _copier
+    other = copier.submit(_copy_pairs, theirs) if theirs else None
+    try:
+        _copy_pairs(mine)
+    finally:
+        if other is not None:
+            other.result()  # also when this thread's half failed: the buffers must be quiet before reuse
+
+
+def _copy_pairs(pairs) -> None:
+    for dst, src in pairs:
+        np.copyto(dst, src, casting="no")
+
+
 def _read_in_place(trackable, key):
     """A CPU variable's current value without a copy, or None where that does not apply."""
     if not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):
@@ -125,8 +187,12 @@ def _resolve(trackable, key, value):
     return value
 
 
-def _host_copy(value, pool: _BufferPool, pool_key, taken: list):
-    """Copies one value into a pooled host buffer; strings stay Python objects."""
+def _host_copy(value, pool: _BufferPool, pool_key, taken: list, pairs: Optional[list] = None):
+    """Copies one value into a pooled host buffer; strings stay Python objects.
+
+    With `pairs`, a numeric copy is left to the caller (`_copy_all`): the
+    (buffer, source) pair is appended there instead.
+    """
     if isinstance(value, (bytes, str)):
         return value, len(value)
     arr = value
@@ -148,7 +214,10 @@ def _host_copy(value, pool: _BufferPool, pool_key, taken: list):
     if arr.dtype == object:
         return arr.copy(), int(sum(len(x) for x in arr.ravel()))
     buf = pool.take(pool_key, arr.shape, arr.dtype)
-    np.copyto(buf, arr, casting="no")
+    if pairs is None:
+        np.copyto(buf, arr, casting="no")
+    else:
+        pairs.append((buf, arr))
     taken.append(buf)
     return buf, buf.nbytes
 
@@ -163,11 +232,12 @@ class NumpySaver:
         self._pool = _BufferPool()
 
     def snapshot(self) -> Snapshot:
-        tensors, nbytes, taken = {}, 0, {}
+        tensors, nbytes, taken, pairs = {}, 0, {}, []
         for key, value in self.arrays.items():
             bufs = taken.setdefault(key, [])
-            tensors[key], n = _host_copy(value, self._pool, key, bufs)
+            tensors[key], n = _host_copy(value, self._pool, key, bufs, pairs)
             nbytes += n
+        _copy_all(pairs, sum(dst.nbytes for dst, _ in pairs))
         return Snapshot(tensors, nbytes, lambda: [self._pool.give(k, v) for k, v in taken.items()])
 
     def restore(self, checkpoint) -> None:
@@ -210,7 +280,7 @@ class TrackableSaver:
             create_counter()
             self._count_save(self.checkpoint.save_counter)
         if not _plan_applies(saver):
-            self._plan = None
+            self._replace_plan(None)
             return self._gather(saver, self._pool)[0]
         nodes, edges = _walk(saver._graph_view)
         plan = self._plan
@@ -222,9 +292,15 @@ class TrackableSaver:
                 return snapshot
         owners = tuple(i for i, node in enumerate(nodes) if _owns_slots(node))
         slots = _slot_variables(nodes, owners)
+        self._replace_plan(None)  # first, so this gather finds the old plan's buffers in the pool
         snapshot, serialized = self._gather(saver, self._pool)
         self._plan = _SnapshotPlan.build(saver, nodes, edges, owners, slots, serialized)
         return snapshot
+
+    def _replace_plan(self, plan) -> None:
+        old, self._plan = self._plan, plan
+        if old is not None and old is not plan:
+            old.retire(self._pool)  # its buffers go back to the pool, warm for whatever reads next
 
     def _count_save(self, counter) -> None:
         from tensorflow.python.ops import gen_resource_variable_ops, resource_variable_ops
@@ -409,6 +485,26 @@ def _never_has_tensors(trackable) -> bool:
         and gather not in getattr(trackable, "__dict__", {})
 
 
+def _read_variables(handles, dtypes):
+    """Inside a TF function: every variable's value, aliasing its buffer, by one op where TF has it.
+
+    TF's `_ReadVariablesOp` (the op XLA clusters read through) reads them all in
+    one kernel: ~2 us a variable, where a `ReadVariableOp` each costs the
+    executor ~4 us more. A TF without it gets one `ReadVariableOp` each.
+    """
+    from tensorflow.core.framework import attr_value_pb2
+    from tensorflow.python.framework import op_def_registry, ops
+    from tensorflow.python.ops import gen_resource_variable_ops
+    if op_def_registry.get("_ReadVariablesOp") is None:
+        return [gen_resource_variable_ops.read_variable_op(h, d) for h, d in zip(handles, dtypes)]
+    types = attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(
+        type=[d.as_datatype_enum for d in dtypes]))
+    op = ops.get_default_graph().create_op(
+        "_ReadVariablesOp", list(handles), list(dtypes), name="read_variables",
+        attrs={"N": attr_value_pb2.AttrValue(i=len(handles)), "dtypes": types})
+    return list(op.outputs)
+
+
 class _SnapshotPlan:
     """What one TF gather of the object graph found, replayed while the graph keeps its shape.
 
@@ -442,6 +538,11 @@ class _SnapshotPlan:
         self.trace_idle = threading.Event()  # clear while the trace runs
         self.trace_idle.set()
         self.trace_secs = None
+        # Buffer generations: each holds one snapshot's copies of the reads, reused as a
+        # whole (one lock a save, not one a variable) once that snapshot is persisted.
+        self._gens = []
+        self._gen_lock = threading.Lock()
+        self.retired = False
 
     def _start_trace(self) -> None:
         self._trace_due = False
@@ -455,15 +556,15 @@ class _SnapshotPlan:
     def _trace_reads(self) -> None:
         """Makes `_read_all`: tracing and the first call take ~2 s for 500 variables, here off the loop."""
         import tensorflow as tf
+        from tensorflow.python.framework import ops
         from tensorflow.python.ops import gen_resource_variable_ops
 
         def read_all():
-            out = []
-            for _, handle, dtype, large in self.reads:
-                if large:
-                    gen_resource_variable_ops.disable_copy_on_read(handle)
-                out.append(gen_resource_variable_ops.read_variable_op(handle, dtype))
-            return out
+            disabled = [gen_resource_variable_ops.disable_copy_on_read(handle)
+                        for _, handle, _, large in self.reads if large]
+            with ops.control_dependencies(disabled):
+                return _read_variables([handle for _, handle, _, _ in self.reads],
+                                       [dtype for _, _, dtype, _ in self.reads])
         started = time.perf_counter()
         try:
             fn = tf.function(read_all, autograph=False).get_concrete_function()
@@ -560,9 +661,9 @@ class _SnapshotPlan:
         # The reads alias the variables' buffers, so holding them all costs no memory.
         read_all = self._read_all
         if read_all is not None:  # one function call: ~4 us a read where an eager op costs ~20 us
-            read = dict(zip([key for key, _, _, _ in self.reads], read_all()))
+            values = read_all()
         else:
-            read = {}
+            values = []
             for key, handle, dtype, large in self.reads:
                 if large:
                     # Sparse updates (scatter ops) put a variable in copy-on-read mode, where
@@ -570,19 +671,28 @@ class _SnapshotPlan:
                     # read_value_no_copy does the same, with four more ops around it). For a
                     # small variable that copy costs less than the op that avoids it.
                     gen_resource_variable_ops.disable_copy_on_read(handle)
-                read[key] = gen_resource_variable_ops.read_variable_op(handle, dtype)
+                values.append(gen_resource_variable_ops.read_variable_op(handle, dtype))
         tensors, nbytes, taken = {}, 0, {}
-        take = pool.take
+        gen = self._take_generation()
+        read, pairs, copied = {}, [], 0
+        for i, value in enumerate(values):
+            key = self.reads[i][0]
+            arr = value._numpy()  # a view of the variable's CPU buffer
+            if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:  # strings
+                read[key] = _host_copy(arr, pool, key, taken.setdefault(key, []))
+                continue
+            buf = gen[i]
+            if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
+                buf = gen[i] = pool.take(key, arr.shape, arr.dtype)
+            pairs.append((buf, arr))
+            copied += buf.nbytes
+            read[key] = buf, buf.nbytes
+        del values
+        _copy_all(pairs, copied)
+        del pairs
         for kind, a, b in self.steps:
             if kind == _READ:
-                arr = read.pop(a)._numpy()  # a view of the variable's CPU buffer
-                if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:  # strings
-                    tensors[a], n = _host_copy(arr, pool, a, taken.setdefault(a, []))
-                else:
-                    tensors[a] = buf = take(a, arr.shape, arr.dtype)
-                    np.copyto(buf, arr, casting="no")
-                    taken[a] = (buf,)
-                    n = buf.nbytes
+                tensors[a], n = read[a]
                 nbytes += n
                 continue
             if kind == _CONSTANT:
@@ -600,7 +710,39 @@ class _SnapshotPlan:
         # run's last save, where it would only compete with the upload and delay the exit.
         if self._trace_due and not getattr(_final, "on", False):
             self._start_trace()
-        return Snapshot(tensors, nbytes, lambda: [pool.give(k, v) for k, v in taken.items()])
+
+        def release():
+            for k, v in taken.items():
+                pool.give(k, v)
+            self._give_generation(gen, pool)
+        return Snapshot(tensors, nbytes, release)
+
+    def _take_generation(self) -> list:
+        """Buffers for one snapshot's variable reads (None: none yet), in `reads` order; one lock a save."""
+        with self._gen_lock:
+            if self._gens:
+                return self._gens.pop()
+        return [None] * len(self.reads)
+
+    def _give_generation(self, gen, pool: _BufferPool) -> None:
+        with self._gen_lock:
+            if not self.retired:
+                self._gens.append(gen)
+                return
+        self._to_pool(gen, pool)
+
+    def retire(self, pool: _BufferPool) -> None:
+        """The saver made a new plan: free buffers go back to the pool, where the new plan finds them warm."""
+        with self._gen_lock:
+            self.retired = True
+            gens, self._gens = self._gens, []
+        for gen in gens:
+            self._to_pool(gen, pool)
+
+    def _to_pool(self, gen, pool: _BufferPool) -> None:
+        for (key, _, _, _), buf in zip(self.reads, gen):
+            if buf is not None:
+                pool.give(key, (buf,))
 
 
 def as_saver(state):

@@ -367,9 +367,15 @@ def test_legacy_saveable_is_asked_for_its_tensors_at_every_save(tf, tmp_path, mo
     np.testing.assert_array_equal(fresh.variable.numpy(), [5.0, 6.0])
 
 
+@pytest.mark.parametrize("one_op", [True, False], ids=["ReadVariablesOp", "ReadVariableOp-each"])
 def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_its_step(tf, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, one_op):
     from rayhooks import savers
+    from tensorflow.python.framework import op_def_registry
+    if not one_op:  # a TF without the multi-variable read op: one ReadVariableOp a variable
+        real_get = op_def_registry.get
+        monkeypatch.setattr(op_def_registry, "get",
+                            lambda name: None if name == "_ReadVariablesOp" else real_get(name))
     count = savers._BATCH_READS + 4
     sizes = [8 if i % 2 else 1 << 15 for i in range(count)]  # small, and large (left in copy-on-read first)
     variables = {"v%d" % i: tf.Variable(np.full(n, float(i), np.float32)) for i, n in enumerate(sizes)}
@@ -385,6 +391,11 @@ def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_
     saver.snapshot().done()  # reused: its read function is traced on a thread
     assert plan.trace_idle.wait(120), "the read function was not traced in 120 s"
     assert plan._read_all is not None
+    kinds = [op.type for op in plan._read_all.graph.get_operations()]
+    if one_op:
+        assert kinds.count("_ReadVariablesOp") == 1 and "ReadVariableOp" not in kinds
+    else:
+        assert kinds.count("ReadVariableOp") == len(plan.reads) and "_ReadVariablesOp" not in kinds
 
     from tensorflow.python.ops import gen_resource_variable_ops
 
@@ -430,3 +441,44 @@ def test_dependency_added_to_a_variable_is_in_the_next_checkpoint(tf, tmp_path, 
     assert gathers.calls == 2
     _assert_same_as_tf(tf, ckpt, second, tmp_path)
     assert tf.train.load_checkpoint(second).get_tensor("w/scale/.ATTRIBUTES/VARIABLE_VALUE") == 5.0
+
+
+def _buffers(snapshot, keys):
+    return [snapshot.tensors[k] for k in keys]
+
+
+def test_plan_reuses_one_buffer_set_per_snapshot_in_flight_and_a_new_plan_finds_them_warm(tf):
+    from rayhooks import savers
+    variables = {"v%d" % i: tf.Variable(np.full(1000, float(i), np.float32)) for i in range(savers._BATCH_READS)}
+    ckpt = tf.train.Checkpoint(**variables)
+    saver = rh.TrackableSaver(ckpt)
+    saver.snapshot().done()  # the plan is made here
+    plan = saver._plan
+    keys = ["v%d/.ATTRIBUTES/VARIABLE_VALUE" % i for i in range(len(variables))]
+    first, second = saver.snapshot(), saver.snapshot()  # two in flight: a set each
+    assert saver._plan is plan and plan.trace_idle.wait(120)
+    a, b = _buffers(first, keys), _buffers(second, keys)
+    assert not any(np.shares_memory(x, y) for x, y in zip(a, b))
+    first.done()
+    second.done()
+    taken = []
+    real_take = saver._pool.take
+    saver._pool.take = lambda *args: taken.append(args) or real_take(*args)
+    third = saver.snapshot()
+    del saver._pool.take
+    assert not [t for t in taken if t[0] in keys], \
+        "a reused set takes no buffer from the pool (one lock a save, not one a variable)"
+    c = _buffers(third, keys)
+    assert all(z is x for z, x in zip(c, a)) or all(z is y for z, y in zip(c, b)), \
+        "the next snapshot did not reuse a whole set of persisted buffers"
+    variables["v0"].assign_add(tf.ones(1000))
+    assert np.array_equal(c[0], np.full(1000, 0.0, np.float32)), "a reused buffer must hold this step's values"
+    third.done()
+
+    ckpt.extra = tf.Variable(1.0)  # the graph changes: a new plan, which takes the old plan's buffers
+    saver.snapshot().done()
+    assert saver._plan is not plan and plan.retired
+    fourth = saver.snapshot()
+    assert saver._plan.reads and all(any(z is x for x in a + b) for z in _buffers(fourth, keys))
+    np.testing.assert_array_equal(fourth.tensors[keys[0]], np.full(1000, 1.0, np.float32))
+    fourth.done()
