@@ -269,6 +269,17 @@ class DirectFile:
 _pool_executor = None
 
 
+def _forget_threads() -> None:
+    # A forked child inherits the executor without its threads (a write would wait forever
+    # for them), and maybe a lock another thread held at the fork.
+    global _pool_executor, _pool_lock
+    _pool_executor, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
 def _io_pool():
     """The threads that write full staging buffers, shared by the files being written."""
     global _pool_executor

@@ -157,6 +157,16 @@ def _copy_pairs(pairs) -> None:
         np.copyto(dst, src, casting="no")
 
 
+def _forget_copier() -> None:
+    # A forked child has the executor but not its thread: submitting there would wait forever.
+    global _copier, _copier_lock
+    _copier, _copier_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_copier)
+
+
 def _read_in_place(trackable, key):
     """A CPU variable's current value without a copy, or None where that does not apply."""
     if not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):

@@ -104,3 +104,42 @@ def test_numpy_saver_snapshot_of_a_split_state_is_exact_and_reuses_its_buffers(s
     assert second.tensors["w"] is held["w"]
     np.testing.assert_array_equal(second.tensors["w"], np.arange(5000, dtype=np.float32) + 1)
     second.done()
+
+
+def _in_forked_child(work):
+    """Runs `work` in a child made by fork; its exit code, or None if it hung for 60 s."""
+    import multiprocessing
+    child = multiprocessing.get_context("fork").Process(target=work)
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        return None
+    return child.exitcode
+
+
+def _copy_in_child():
+    pairs = _pairs([np.arange(3000.0), np.arange(3000.0)])
+    savers._copy_all(pairs, 48000)
+    assert np.array_equal(pairs[1][0], np.arange(3000.0))
+
+
+def _write_in_child(path):
+    def work():
+        from rayhooks import direct_io
+        with direct_io.open_for_write(path) as f:
+            f.write(np.arange(3 * direct_io.STAGING_BYTES // 8, dtype=np.int64))
+    return work
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_forked_child_copies_and_writes_with_threads_of_its_own(split, tmp_path):
+    from rayhooks import direct_io
+    savers._copy_all(_pairs([np.ones(3000), np.ones(3000)]), 48000)  # the parent's copier thread exists
+    with direct_io.open_for_write(str(tmp_path / "parent")) as f:    # and its writer threads
+        f.write(np.ones(2 * direct_io.STAGING_BYTES // 8))
+    assert _in_forked_child(_copy_in_child) == 0, "the child's split copy hung or failed"
+    path = str(tmp_path / "child")
+    assert _in_forked_child(_write_in_child(path)) == 0, "the child's direct write hung or failed"
+    assert np.array_equal(np.fromfile(path, np.int64), np.arange(3 * direct_io.STAGING_BYTES // 8))
