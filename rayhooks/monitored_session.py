@@ -79,9 +79,12 @@ class MonitoredSession:
         quiet = [_quiet_until_of(h) for h in self._hooks]
         self._quiet_fns = quiet if all(fn is not None for fn in quiet) else None
         self._deadline_fns = [h._quiet_deadline for h in self._hooks if hasattr(h, "_quiet_deadline")]
+        self._start_deciders = [h for h in self._hooks if hasattr(h, "_quiet_start_deadline")]
         self._quiet_until = 0  # runs ending before this step need no hook (every hook said so)
         self._deadline_clock = None  # and, with a seconds schedule, ending before this clock reading
         self._deadline = 0.0
+        self._start_clock = None  # and, with one decided in before_run, starting before this reading
+        self._start_deadline = 0.0
         saver = (scaffold.saver if scaffold is not None and scaffold.saver is not None else None)
         self.saver = as_saver(saver if saver is not None else state)
         self.handle = SessionHandle(checkpoint_dir=checkpoint_dir, summary_dir=summary_dir,
@@ -123,7 +126,8 @@ class MonitoredSession:
         """Runs `step_fn(*args, **kwargs)` with the hooks; returns what it returns."""
         handle = self.handle
         stale = handle.global_step
-        if stale + self._steps_per_run < self._quiet_until and not handle._woken:
+        if stale + self._steps_per_run < self._quiet_until and not handle._woken and (
+                self._start_clock is None or self._start_clock() < self._start_deadline):
             # No hook can act on this run (each declared it): only the step and its count.
             result = step_fn(*args, **kwargs)
             clock = self._deadline_clock
@@ -134,9 +138,10 @@ class MonitoredSession:
                 return result
             # Woken while the step ran (a save committed, a signal, a plan from the chief), or
             # a seconds schedule came due: the hooks see this step as usual. Their before_run
-            # comes after the step, which none can tell (rayhooks' hooks decide a seconds
-            # schedule in after_run, as TF's do): feeds are refused, and fetches resolve
-            # against the step's outputs.
+            # comes after the step, which none can tell (the hooks that decide a seconds
+            # schedule in before_run are told what they would have found before the step;
+            # the others decide in after_run, as TF's do): feeds are refused, and fetches
+            # resolve against the step's outputs.
             return self._run_hooks(step_fn, (), {}, True, result)
         if self._should_stop:
             raise RuntimeError("Run called even after should_stop requested.")
@@ -152,6 +157,11 @@ class MonitoredSession:
         context = SessionRunContext(original, handle)
         requests = None
         for hook in self._before:
+            if ran and hook in self._start_deciders:
+                # The run started before its seconds deadline (checked then): not due, as
+                # its before_run would have found before the step.
+                hook._not_due_this_run()
+                continue
             request = hook.before_run(context)
             if request is not None:
                 if request.feed_dict:
@@ -181,18 +191,12 @@ class MonitoredSession:
             self._should_stop = True
         elif self._quiet_fns is not None:
             self._quiet_until = min((fn() for fn in self._quiet_fns), default=_ALWAYS_QUIET)
-            self._deadline_clock = None
-            for fn in self._deadline_fns:
-                due = fn()
-                if due is None:
-                    continue
-                clock, at = due
-                if self._deadline_clock is None:
-                    self._deadline_clock, self._deadline = clock, at
-                elif clock is self._deadline_clock:
-                    self._deadline = min(self._deadline, at)
-                else:  # schedules on two clocks: no quiet runs
-                    self._quiet_until = 0
+            end = _earliest(fn() for fn in self._deadline_fns)
+            start = _earliest(h._quiet_start_deadline() for h in self._start_deciders)
+            if end is None or start is None or (end[0] is not None and start[0] not in (None, end[0])):
+                self._quiet_until = 0  # schedules on two clocks: no quiet runs
+                end = start = (None, 0.0)
+            (self._deadline_clock, self._deadline), (self._start_clock, self._start_deadline) = end, start
         return result
 
     def close(self):
@@ -223,6 +227,21 @@ _NO_VALUES = SessionRunValues(None, None, None)
 _ALWAYS_QUIET = NEVER_STEP  # no hook at all
 
 
+def _earliest(deadlines):
+    """The earliest of (clock, reading) pairs (None: no deadline), as (clock or None, reading); None on two clocks."""
+    clock, at = None, 0.0
+    for due in deadlines:
+        if due is None:
+            continue
+        if clock is None:
+            clock, at = due
+        elif due[0] is clock:
+            at = min(at, due[1])
+        else:
+            return None
+    return clock, at
+
+
 def _quiet_until_of(hook):
     """The hook's `_quiet_until` if its run methods are those it was written for, else None.
 
@@ -230,8 +249,12 @@ def _quiet_until_of(hook):
     below it cannot make the hook act, so the session may skip its
     `before_run` and `after_run`. A hook on a seconds schedule also declares
     `_quiet_deadline()`, a (clock, reading) pair or None: runs ending before
-    that reading cannot make it act either (it decides in `after_run`). A subclass that overrides either method
-    (or an instance that replaces one) might act on any run: it is always called.
+    that reading cannot make it act either (it decides in `after_run`). One
+    that decides in `before_run` declares `_quiet_start_deadline()` instead,
+    for runs starting before the reading, and `_not_due_this_run()`, called in
+    place of a `before_run` that comes after such a run's step. A subclass
+    that overrides either run method (or an instance that replaces one)
+    might act on any run: it is always called.
     """
     fn = getattr(hook, "_quiet_until", None)
     if fn is None:

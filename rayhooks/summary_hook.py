@@ -18,7 +18,7 @@ from rayhooks.formats import summaries
 from rayhooks.session_run_hook import GLOBAL_STEP, SessionRunArgs, SessionRunHook
 from rayhooks.storage import Storage
 from rayhooks.summary_writer import SummaryWriterCache
-from rayhooks.timer import SecondOrStepTimer
+from rayhooks.timer import NEVER_STEP, SecondOrStepTimer
 
 
 class SummarySaverHook(SessionRunHook):
@@ -90,7 +90,19 @@ class SummarySaverHook(SessionRunHook):
         self._next_step = global_step + 1
 
     def _quiet_until(self):
-        return 0 if self._next_step is None else self._due
+        if self._next_step is None:
+            return 0
+        if self._due == 0 and self._timer.next_time_trigger() is not None:
+            return NEVER_STEP  # seconds: see _quiet_start_deadline
+        return self._due
+
+    def _quiet_start_deadline(self):
+        """Runs starting before this clock reading cannot write a summary: it decides in before_run."""
+        at = None if self._next_step is None else self._timer.next_time_trigger()
+        return None if at is None else (self._timer.clock, at)
+
+    def _not_due_this_run(self):
+        self._request_summary = False
 
     def end(self, session=None):
         if self._summary_writer:

@@ -233,3 +233,41 @@ def test_seconds_schedules_on_two_clocks_keep_every_run_for_every_hook(tmp_path)
         for _ in range(20):
             sess.run(step)
     assert counting.runs == 20
+
+
+def _summary_steps(directory, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(directory, size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    if tag in tags.get("scalars", []):
+        return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return [(e.step, float(np.asarray(e.tensor_proto.float_val[0]))) for e in accumulator.Tensors(tag)]
+
+
+@pytest.mark.parametrize("steps_per_run", [1, 3])
+def test_seconds_summaries_are_decided_before_the_step_and_written_where_calling_every_hook_does(
+        tmp_path, steps_per_run):
+    def run(name, extra):
+        clock = rh.ManualClock(1000.0)
+        counting = _Counting()
+        summaries = rh.SummarySaverHook(save_secs=1.0, output_dir=str(tmp_path / name / "events"), clock=clock,
+                                        summary_op="loss")
+        # A checkpoint deadline that passes mid-step, between summary deadlines: those runs reach
+        # the hooks after the step, where the summary hook must keep what it found before it.
+        saver = rh.CheckpointSaverHook(str(tmp_path / name / "ckpt"), save_secs=1.7, clock=clock,
+                                       save_graph_def=False)
+        runs = 0
+        with rh.MonitoredSession(hooks=[rh.StopAtStepHook(last_step=300), summaries, saver, counting] + extra,
+                                 state={"w": np.zeros(2, np.float32)}, steps_per_run=steps_per_run) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: (clock.advance(0.05 * steps_per_run), {"loss": np.float32(clock())})[1])
+                runs += 1
+        return _summary_steps(str(tmp_path / name / "events"), "loss"), counting.runs, runs
+
+    quiet, quiet_calls, runs = run("quiet", [])
+    every, every_calls, _ = run("every", [_EveryRun()])
+    assert quiet == every
+    assert len(quiet) >= 8
+    assert every_calls == runs
+    assert quiet_calls < runs // 2, "the seconds-based summary hook kept every run reaching the hooks"
