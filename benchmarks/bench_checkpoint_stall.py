@@ -252,6 +252,7 @@ def bench_rayhooks(arrays, anchor, warm, tmp, asynchronous, tf_state=None):
         steps_secs.append(step_secs)
     plan = getattr(sess.saver, "_plan", None)
     trace_secs = plan.trace_secs if plan is not None else None
+    breakdown = _snapshot_breakdown(sess, plan, run) if plan is not None and plan._read_all is not None else None
     sess.close()
     committed = sorted(int(s) for s in listener.secs)
     skipped = getattr(hook, "skipped_saves", 0)
@@ -260,7 +261,25 @@ def bench_rayhooks(arrays, anchor, warm, tmp, asynchronous, tf_state=None):
     return {"first": first, "first_snapshot": first_snapshot, "creation": creation, "stalls": stalls,
             "anchors": anchors, "snapshots": snapshots, "step_secs": steps_secs, "next_extra": next_extra,
             "committed": committed, "expected_commits": warm + 2,  # + the final save at end()
-            "trace_secs": trace_secs}
+            "trace_secs": trace_secs, "breakdown": breakdown}
+
+
+def _snapshot_breakdown(sess, plan, run, repeats=7):
+    """Two parts of a planned TrackableSaver snapshot, timed apart after the saves: the object-graph walk
+    that checks the plan still fits, and TF's reads of the variables (the traced function)."""
+    from rayhooks import savers
+    graph_view = sess.saver.checkpoint._saver._graph_view
+    walk, reads = [], []
+    for _ in range(repeats):
+        run()  # as before a save: the state just written by a step
+        started = time.perf_counter()
+        savers._walk(graph_view)
+        walk.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        plan._read_all()
+        reads.append(time.perf_counter() - started)
+    return {"walk": statistics.median(walk), "reads": statistics.median(reads), "variables": len(plan.reads),
+            "nodes": len(plan.nodes), "repeats": repeats}
 
 
 # -- TensorFlow -----------------------------------------------------------------------
@@ -631,9 +650,17 @@ def _report(results, memory, sizes, raytrain=None):
             tf2 = per.get("tf2_write_async")
             tf2_first = ("; TF2's async write stalled the loop %.2f s at its first save after the first"
                          % tf2["stalls"][0] if tf2 and "unavailable" not in tf2 and tf2["stalls"] else "")
+            parts_of = ""
+            b = r.get("breakdown")
+            if b:
+                parts_of = ("; of the stall, walking the object graph (%d nodes) to check the snapshot plan still "
+                            "fits took %.2f ms and TF's reads of the %d variables (one traced function) %.2f ms, "
+                            "medians of %d timed apart after the saves" % (
+                                b["nodes"], 1e3 * b["walk"], b["variables"], 1e3 * b["reads"], b["repeats"]))
             notes.append("%s: the same bytes as %d tf.Variables (one training step writes each). Each variable "
                          "adds %.1f µs to the TrackableSaver stall beyond the copy (median over saves of "
-                         "(stall - paired copy) / %d)%s%s." % (label, parts, extra_us, parts, traced, tf2_first))
+                         "(stall - paired copy) / %d)%s%s%s." % (label, parts, extra_us, parts, parts_of, traced,
+                                                                  tf2_first))
         for method, r in per.items():
             if "unavailable" in r:
                 rows.append([label, LABELS[method], "—", "unavailable: " + r["unavailable"], "—", "—", "—", "—"])
