@@ -144,7 +144,10 @@ def _copy_all(pairs, nbytes: int) -> None:
             import concurrent.futures
             _copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayhooks-copy")
         copier = _copier
-    other = copier.submit(_copy_pairs, theirs) if theirs else None
+    try:
+        other = copier.submit(_copy_pairs, theirs) if theirs else None
+    except RuntimeError:  # the interpreter is exiting (an atexit or late save): no new threads
+        other, mine = None, mine + list(theirs)
     try:
         _copy_pairs(mine)
     finally:

@@ -143,3 +143,16 @@ def test_a_forked_child_copies_and_writes_with_threads_of_its_own(split, tmp_pat
     path = str(tmp_path / "child")
     assert _in_forked_child(_write_in_child(path)) == 0, "the child's direct write hung or failed"
     assert np.array_equal(np.fromfile(path, np.int64), np.arange(3 * direct_io.STAGING_BYTES // 8))
+
+
+def test_a_copy_while_the_interpreter_exits_is_made_on_the_calling_thread(split, monkeypatch):
+    # At exit (an atexit handler, a late non-daemon thread) executors refuse new work; an
+    # executor that has been shut down refuses it the same way.
+    import concurrent.futures
+    closed = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    monkeypatch.setattr(savers, "_copier", closed)
+    pairs = _pairs([np.arange(2000.0), np.arange(3000.0)])
+    savers._copy_all(pairs, 40000)
+    np.testing.assert_array_equal(pairs[1][0], np.arange(3000.0))
+    assert list(split) == [threading.main_thread().name]
