@@ -192,17 +192,21 @@ def test_ray_worker_sigterm_saves_an_emergency_checkpoint_and_resumes(ray_sessio
     import ray
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ckpt, saved = str(tmp_path / "ckpt"), str(tmp_path / "saved.log")
+    # No scheduled save between the first (at step 0, where the SIGTERM is sent) and the last, so
+    # the emergency checkpoint cannot fall on one, however late the SIGTERM lands: with saves
+    # every 50 steps, a stop step the chief picked at 100 under load hid it among them.
     result = rh.launch(_slow_train, 2, backend="ray", max_failures=1, name="sigterm", tf_config=False,
                        chief_only_hooks=[rh.CheckpointSaverHook(
-                           ckpt, save_steps=50, listeners=[PreemptWorkerOnce("sigterm", 50, saved)])],
-                       hooks=[rh.StopAtStepHook(last_step=200)])
+                           ckpt, save_steps=1000, listeners=[PreemptWorkerOnce("sigterm", 0, saved)])],
+                       hooks=[rh.StopAtStepHook(last_step=300)])
     steps = [int(s) for s in open(saved).read().split()]
-    emergency = [s for s in steps if s % 50]
-    assert len(emergency) == 1, steps  # one save off the schedule: the emergency checkpoint
-    assert 50 < emergency[0] < 100
-    assert [r[0] for r in result.worker_results] == [200, 200]
-    assert [r[1] for r in result.worker_results] == [200.0, 200.0]
+    assert len(steps) == 3 and steps[0] == 0 and steps[2] == 300, steps  # first, emergency, final
+    emergency = steps[1]
+    assert 0 < emergency < 300
+    assert [r[0] for r in result.worker_results] == [300, 300]
+    assert [r[1] for r in result.worker_results] == [300.0, 300.0]
+    assert result.recoveries == 1  # the group resumed from the emergency checkpoint
     store = rh.CheckpointStore(rh.Storage(ckpt))
-    assert store.latest().step == 200
-    info = store.get(emergency[0])
-    assert store.verify(info) == [] and float(store.reader(info).read_tensors()["w"][0]) == emergency[0]
+    assert store.latest().step == 300
+    info = store.get(emergency)
+    assert store.verify(info) == [] and float(store.reader(info).read_tensors()["w"][0]) == emergency
