@@ -58,6 +58,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 import rayhooks as rh
+from rayhooks import storage as storage_module
 from benchmarks.common import MB, REPO_ROOT, BenchResult, Stat, Target, fmt_mb, fmt_ratio, paired_ratios
 from benchmarks.raytrain import ensure_ray, raytrain_fit, raytrain_poll_secs, save_npy_dir
 
@@ -611,8 +612,8 @@ def _report(data):
         "local write.",
         "gs://: the emulator is a Python server on loopback, so these MB/s measure it as much as the client. It "
         "appends each chunk of a resumable upload by rewriting the whole object so far, so its cost grows with the "
-        "square of the chunk count: rayhooks streams through gcsfs's file object in gcsfs's default 5 MB blocks, "
-        "pipe_file and put_file send 50 MB chunks.",
+        "square of the chunk count: rayhooks streams through gcsfs's file object in %d MB parts, pipe_file and "
+        "put_file send 50 MB chunks." % (storage_module._UPLOAD_PART_BYTES >> 20),
         "Restore: restore_latest verifies the crc32c of every file, then restores (TrackableSaver: TF's own "
         "restore of the bundle; from gs:// it first downloads the files to a local directory).",
     ]

@@ -154,7 +154,7 @@ SETUP = {
                       "retry=RetryPolicy(max_attempts=1), max_to_keep=None)` (in_flight=\"skip\", TF1's: "
                       "training never waits for storage) to gs:// on gcp-storage-emulator (with a data dir) "
                       "through tests/tcp_proxy.py's `HoldingProxy`, a 32 MB state (the data file goes up in "
-                      "several 5 MB chunks of a resumable upload), 10 ms steps (a sleep) in this process. The "
+                      "a resumable upload in 32 MB parts), 10 ms steps (a sleep) in this process. The "
                       "first save after 2 commits arms the proxy in its `before_save`; once 8 MB more went up "
                       "(of that save's data file: it is written first) the proxy holds gcsfs's bytes, the "
                       "server is stopped, the proxy released (the held bytes go on to no server), and the "
