@@ -102,21 +102,24 @@ def _rayhooks_loops(tmp):
             run(fn)
         return time.perf_counter() - started
 
-    def loop_of(session):
-        def stop_and_run(n):
-            run, should_stop, fn = session.run, session.should_stop, step
-            started = time.perf_counter()
-            for _ in range(n):
-                if should_stop():
-                    raise RuntimeError("the session asked to stop; no hook here should")
-                run(fn)
-            return time.perf_counter() - started
-        return stop_and_run
-
     # What a user gets without choosing: checkpoints every 600 s, summaries and the
     # step counter every 100 steps (whose runs call the hooks, and are in the figure).
     defaults = rh.MonitoredTrainingSession(checkpoint_dir=tmp + "-defaults", state={"w": np.zeros(16, np.float32)})
-    return sess, defaults, counter, bare, run_only, loop_of(sess), loop_of(defaults)
+    return (sess, defaults, counter, bare, run_only, _stop_and_run(sess, step, "the session"),
+            _stop_and_run(defaults, step, "the session"))
+
+
+def _stop_and_run(session, fn, who):
+    """The timed `while not should_stop(): run(fn)` loop over `n` steps (rayhooks' and TF1's alike)."""
+    def timed(n):
+        run, should_stop = session.run, session.should_stop
+        started = time.perf_counter()
+        for _ in range(n):
+            if should_stop():
+                raise RuntimeError("%s asked to stop; no hook here should" % who)
+            run(fn)
+        return time.perf_counter() - started
+    return timed
 
 
 def _tf1_loops(tmp):
@@ -149,14 +152,7 @@ def _tf1_loops(tmp):
             run(train_op)
         return time.perf_counter() - started
 
-    def stop_and_run(n):
-        run, should_stop = mon.run, mon.should_stop
-        started = time.perf_counter()
-        for _ in range(n):
-            if should_stop():
-                raise RuntimeError("the TF1 session asked to stop")
-            run(train_op)
-        return time.perf_counter() - started
+    stop_and_run = _stop_and_run(mon, train_op, "the TF1 session")
 
     def close():
         with graph.as_default():  # TF1's final save builds its saver in the default graph
