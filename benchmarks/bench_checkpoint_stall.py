@@ -32,7 +32,10 @@ For each state size, one fresh worker process measures every method in turn:
   mode (the smoke tests) skips these anchors unless `run(ray=True)`.
 
 The state is 8 float32 arrays (8 x 8 MB for 64 MB); the TF-backed methods
-share one set of `tf.Variable`s holding the same values. A third state holds
+share one set of `tf.Variable`s holding the same values. A full run (not
+`--quick`) adds a 2048 MB state, where the machine has eight times that in
+available memory (its worker peaked at 6.5 times the state); the results say
+when it was skipped and why. Another state holds
 the 64 MB in 512 arrays (128 KB each), about the variable count of a
 mid-sized model with its optimizer slots, where the per-variable cost of a
 save shows: only the copy, the asynchronous TrackableSaver hook, TF1's hook
@@ -54,6 +57,7 @@ state existed (TensorFlow, which rayhooks' session imports, already loaded).
 """
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -77,6 +81,11 @@ NAME = "checkpoint_stall"
 TITLE = "Figure 2: training-loop stall of one checkpoint"
 PARTS = 8
 MANY_PARTS = 512      # the same bytes in as many variables as a mid-sized model and its optimizer slots
+LARGE = 2048 * MB     # "and 2 GB where memory allows": full mode only
+LARGE_WARM = 3
+# Its worker peaked at 13.4 GB (6.5x the state): the state, the anchor's buffers, the tf.Variables, a snapshot
+# and TF1's graph variables at once, and TF's writers stage more.
+LARGE_MEMORY_FACTOR = 8
 MANY_METHODS = ("numpy_copy", "rh_async_tf", "tf1_hook", "tf2_write_async")
 COPY_TARGET = 1.2     # async stall within 1.2x of the numpy copy
 TF1_TARGET = 10.0     # and at least 10x below TF1's blocking hook
@@ -110,7 +119,33 @@ def _config(quick, tiny):
         return [(1 * MB, 1, PARTS)], 1 * MB, 1
     if quick:
         return [(64 * MB, 5, PARTS), (512 * MB, 1, PARTS), (64 * MB, 3, MANY_PARTS)], 512 * MB, 1
-    return [(64 * MB, 10, PARTS), (512 * MB, 5, PARTS), (64 * MB, 5, MANY_PARTS)], 512 * MB, 4
+    sizes = [(64 * MB, 10, PARTS), (512 * MB, 5, PARTS), (64 * MB, 5, MANY_PARTS)]
+    if _large_state_skipped(quick) is None:
+        sizes.insert(2, (LARGE, LARGE_WARM, PARTS))
+    return sizes, 512 * MB, 4
+
+
+def _available_memory():
+    """MemAvailable from /proc/meminfo, in bytes; None where the kernel does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _large_state_skipped(quick):
+    """Why the 2 GB state does not run (a sentence), or None where it does: full mode, memory allowing."""
+    if quick:
+        return "the 2048 MB state runs in full mode only (python -m benchmarks, without --quick)"
+    need, have = LARGE * LARGE_MEMORY_FACTOR, _available_memory()
+    if have is None or have < need:
+        return "the 2048 MB state was skipped: it needs %s of available memory, this machine has %s" % (
+            fmt_mb(need), "an unknown amount" if have is None else fmt_mb(have))
+    return None
 
 
 def _state_label(nbytes, parts):
@@ -123,7 +158,7 @@ def _ray_config(quick, tiny):
         return [(1 * MB, 1)]
     if quick:
         return [(64 * MB, 3), (512 * MB, 1)]
-    return [(64 * MB, 5), (512 * MB, 3)]
+    return [(64 * MB, 5), (512 * MB, 3)] + ([(LARGE, 2)] if _large_state_skipped(quick) is None else [])
 
 
 # -- the state ----------------------------------------------------------------------
@@ -428,6 +463,7 @@ def measure(size, warm, methods, tmp_root, parts=PARTS):
                 raise ValueError("unknown method %r; known: %s" % (method, ", ".join(METHODS)))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            gc.collect()  # the method's session and buffers, before the next one's: 2 GB each at the largest
         out["methods"][method] = result
     return out
 
@@ -583,7 +619,8 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
             args = ["--worker", "--size", str(size), "--warm", str(warm), "--methods", ",".join(run_methods),
                     "--parts", str(parts), "--tmp", tmp_root]
             if isolate:
-                results[size, parts] = run_worker("benchmarks.bench_checkpoint_stall", args, timeout=600)
+                results[size, parts] = run_worker("benchmarks.bench_checkpoint_stall", args,
+                                                  timeout=600 if size < LARGE else 2400)
             else:
                 results[size, parts] = measure(size, warm, run_methods, tmp_root, parts)
         raytrain = None
@@ -610,7 +647,7 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
     finally:
         if own_tmp:
             shutil.rmtree(tmp_root, ignore_errors=True)
-    return _report(results, mem, sizes, raytrain)
+    return _report(results, mem, sizes, raytrain, None if tiny else _large_state_skipped(quick))
 
 
 def _copy_ratio(r):
@@ -619,7 +656,7 @@ def _copy_ratio(r):
     return statistics.median(ratios) if ratios else None
 
 
-def _report(results, memory, sizes, raytrain=None):
+def _report(results, memory, sizes, raytrain=None, large_skipped=None):
     headers = ["state", "method", "first save ms", "stall ms median [min–max] (n)", "x numpy copy (paired)",
                "TF1 hook / this (raw; per copy)", "snapshot ms (hook.last_stall_secs)", "next step +ms"]
     rows, targets, notes = [], [], []
@@ -738,6 +775,8 @@ def _report(results, memory, sizes, raytrain=None):
         "copy-on-write of a variable still being saved, shows up there).",
         "rayhooks files are fsync'ed before commit; TF's local writes are not, which favours the blocking TF rows.",
     ]
+    if large_skipped:
+        notes.append(large_skipped[0].upper() + large_skipped[1:] + ".")
     if raytrain is None:
         notes.append("Ray Train anchors not run (ray=False; tiny mode skips them unless asked).")
     elif "error" not in raytrain:

@@ -125,6 +125,27 @@ def test_checkpoint_stall_tiny_runs_every_method():
     assert any("below TF1's blocking hook" in k for k in kinds)
 
 
+def test_checkpoint_stall_runs_2gb_in_full_mode_where_memory_allows_and_says_when_not(monkeypatch):
+    stall, gb = bench_checkpoint_stall, bench_checkpoint_stall.LARGE
+
+    def sizes(quick):
+        return [size for size, _, _ in stall._config(quick, tiny=False)[0]]
+    monkeypatch.setattr(stall, "_available_memory", lambda: gb * stall.LARGE_MEMORY_FACTOR)
+    assert stall._large_state_skipped(quick=False) is None
+    assert gb in sizes(quick=False) and gb in [size for size, _ in stall._ray_config(False, False)]
+    assert gb not in sizes(quick=True) and "full mode" in stall._large_state_skipped(quick=True)
+
+    monkeypatch.setattr(stall, "_available_memory", lambda: gb * stall.LARGE_MEMORY_FACTOR - 1)
+    assert "skipped" in stall._large_state_skipped(quick=False)
+    monkeypatch.setattr(stall, "_available_memory", lambda: 2 * gb)
+    assert stall._large_state_skipped(quick=False) == (
+        "the 2048 MB state was skipped: it needs %d MB of available memory, this machine has 4096 MB"
+        % (2048 * stall.LARGE_MEMORY_FACTOR))
+    assert gb not in sizes(quick=False) and gb not in [size for size, _ in stall._ray_config(False, False)]
+    monkeypatch.setattr(stall, "_available_memory", lambda: None)
+    assert "unknown" in stall._large_state_skipped(quick=False)
+
+
 def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
     out = tmp_path / "results.md"
     assert main(["--tiny", "--only", "step_overhead", "--only", "checkpoint_stall", "--out", str(out)]) == 0
