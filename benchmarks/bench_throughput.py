@@ -34,6 +34,11 @@ Methods:
 * `raw_thread` (the floor of any async checkpoint) — `np.copyto` of the state
   into reused buffers, then a plain thread writes them to one file with
   `open`/`write`/`os.fsync`: no format, no checksums, no commit;
+* `tf1_hook` (anchor) — TF1's blocking `tf.compat.v1.train.CheckpointSaverHook`
+  in a `tf.compat.v1.train.MonitoredSession` over 8 graph variables of the
+  same sizes, the step one `sess.run` of a train op doing the same update on
+  a slice; its timer reads the wall clock, so the hook never comes due by
+  itself and its timer is reset at the start of each checkpoint phase;
 * `tf2_async` (anchor) — the same work on 8 `tf.Variable`s (a tf.function
   updating a slice), `tf.train.Checkpoint.write(..., options=
   CheckpointOptions(enable_async=True))` at the start of each checkpoint
@@ -389,6 +394,99 @@ def tf2_async(ckpt, step, pairs, save_secs, tmp):
     return {"pairs": pairs_out, "stalls": stalls, "saves": n[0], "committed": written, "skipped": 0}
 
 
+class _Tf1Probe:
+    """TF1 listener: the steps saved and each save's stall (the hook blocks from before_save to after_save)."""
+
+    def __init__(self):
+        self.before, self.after, self.stalls = [], [], []
+        self._began = None
+
+    def begin(self):
+        pass
+
+    def before_save(self, session, step):
+        self._began = time.perf_counter()
+        self.before.append(step)
+
+    def after_save(self, session, step):
+        self.after.append(step)
+        self.stalls.append(time.perf_counter() - self._began)
+
+    def end(self, session, step):
+        pass
+
+
+class Tf1Step:
+    """The TF1 twin of NumpyStep: one `sess.run` of a graph-mode train op, x <- sin(x) + 1 over a slice of one
+    variable (gather, then scatter), which also increments the global step, through a TF1 MonitoredSession."""
+
+    def __init__(self, sess, ops, offset, count, size, elements):
+        self.sess, self.ops, self.offset, self.count = sess, ops, offset, count
+        self.m = min(int(elements), size)
+        self.reps = max(1, int(round(elements / self.m)))
+        self.size = size
+        self.offsets = [0] * len(ops)
+        self.i = 0
+
+    def __call__(self):
+        k = self.i % len(self.ops)
+        self.i += 1
+        for _ in range(self.reps):
+            off = self.offsets[k]
+            self.sess.run(self.ops[k], feed_dict={self.offset: off, self.count: self.m})
+            off += self.m
+            self.offsets[k] = 0 if off + self.m > self.size else off
+
+
+def tf1_hook(sizes, pairs, save_secs, warm_secs, step_secs, tmp):
+    """TF1's blocking `CheckpointSaverHook` in a `tf.compat.v1.train.MonitoredSession`, 8 graph variables.
+
+    TF1's timer reads the wall clock, so the hook is made with a save_secs that never comes due and its timer is
+    reset at the start of each checkpoint phase: the phase's first step then saves, as a hook due every K s would.
+    """
+    import tensorflow as tf
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        global_step = v1.train.get_or_create_global_step()
+        offset = v1.placeholder(tf.int32, [], name="offset")
+        count = v1.placeholder(tf.int32, [], name="count")
+        idx = tf.range(offset, offset + count)
+        ops = []
+        for i, n in enumerate(sizes):
+            # Near the update's fixed point from the start, as the numpy state after settle().
+            var = v1.get_variable("v%d" % i, shape=[n], dtype=tf.float32, initializer=v1.constant_initializer(1.93))
+            update = v1.scatter_update(var, idx, tf.sin(tf.gather(var, idx)) + 1.0)
+            with tf.control_dependencies([update]):
+                ops.append(v1.assign_add(global_step, 1))
+        scaffold = v1.train.Scaffold(saver=v1.train.Saver(max_to_keep=2))
+        probe = _Tf1Probe()
+        hook = v1.train.CheckpointSaverHook(tmp, save_secs=HUGE, scaffold=scaffold, listeners=[probe])
+        config = v1.ConfigProto(intra_op_parallelism_threads=1)  # as numpy, and as the TF2 anchor
+        sess = v1.train.MonitoredSession(v1.train.ChiefSessionCreator(scaffold=scaffold, config=config),
+                                         hooks=[hook])
+        try:
+            first = Tf1Step(sess, ops, offset, count, min(sizes), 1)
+            for _ in ops:  # a session's first run of each train op builds its executor (~20 ms): not in calibration
+                first()
+            elements = calibrate(lambda n: Tf1Step(sess, ops, offset, count, min(sizes), n), step_secs, 1 << 18)
+            step = Tf1Step(sess, ops, offset, count, min(sizes), elements)
+            run_for(step, warm_secs)
+            step_ms = 1e3 * _median_step(step, 21)
+
+            def checkpoint_phase(secs):
+                hook._timer.reset()  # due now: this phase's first step saves
+                return run_for(step, secs)
+
+            pairs_out = alternate(pairs, save_secs, checkpoint_phase, lambda secs: run_for(step, secs),
+                                  lambda: False)
+            saves = len(probe.before) - 1  # the save at session creation aside (the one at close comes after)
+        finally:
+            sess.close()
+    return {"pairs": pairs_out, "stalls": probe.stalls[1:1 + pairs], "saves": saves,
+            "committed": len(probe.after), "skipped": 0, "elements": elements, "step_ms": step_ms}
+
+
 def prewarm_page_cache(nbytes, tmp):
     """Writes, fsyncs and deletes `nbytes` of file data (untimed).
 
@@ -435,6 +533,11 @@ def measure_local(size, save_secs, pairs, warm_secs, step_secs, tmp, methods):
                 out["runs"][method] = rh_local(arrays, step, pairs, save_secs, "file://" + d,
                                                asynchronous=method == "rh_async")
             shutil.rmtree(d, ignore_errors=True)
+    if "tf1_hook" in methods:
+        d = tempfile.mkdtemp(prefix="tf1-", dir=tmp)
+        out["runs"]["tf1_hook"] = tf1_hook([a.size for a in arrays.values()], pairs, save_secs, warm_secs,
+                                           step_secs, d)
+        shutil.rmtree(d, ignore_errors=True)
     if "tf2_async" in methods:
         variables = [tf.Variable(a) for a in arrays.values()]
         del arrays, step
@@ -600,7 +703,7 @@ def measure_raytrain(size, elements, save_secs, pairs, warm_secs, modes, tmp):
 
 # -- the figure --------------------------------------------------------------------------------------------
 
-LOCAL_METHODS = ("rh_async", "raw_thread", "rh_sync", "tf2_async")
+LOCAL_METHODS = ("rh_async", "raw_thread", "rh_sync", "tf1_hook", "tf2_async")
 
 
 def run(quick=False, tiny=False, ray=True, isolate=True, tmp_root=None):
@@ -645,6 +748,7 @@ LABELS = {
     "rh_async": "rayhooks AsyncCheckpointSaverHook (local)",
     "raw_thread": "floor: np.copyto + a thread writing the bytes, open/write/fsync (anchor)",
     "rh_sync": "rayhooks CheckpointSaverHook (local, blocking)",
+    "tf1_hook": "TF1 tf.compat.v1.train.CheckpointSaverHook in a MonitoredSession (blocking; anchor)",
     "tf2_async": "TF2 Checkpoint.write, CheckpointOptions(enable_async=True) (anchor)",
     "rh_launch_ray": "rayhooks rh.launch(backend='ray'), 1 worker, AsyncCheckpointSaverHook",
     "rh_launch_ray_nosave": "control: the same rh.launch run with no save due (session + progress reports)",
@@ -678,7 +782,7 @@ def _report(data):
                "extra CPU ms per save (process)"]
     rows, targets, notes = [], [], []
     summary = {}
-    order = ["rh_async", "raw_thread", "rh_sync", "tf2_async", "rh_launch_ray", "rh_launch_ray_nosave",
+    order = ["rh_async", "raw_thread", "rh_sync", "tf1_hook", "tf2_async", "rh_launch_ray", "rh_launch_ray_nosave",
              "raytrain_ASYNC", "raytrain_SYNC", "null"]
     runs = {m: runs[m] for m in sorted(runs, key=lambda m: order.index(m) if m in order else len(order))}
     plain_rates = [p["p_steps"] / p["p_secs"] for m in ("rh_async", "raw_thread", "rh_sync", "null") if m in runs
@@ -725,15 +829,21 @@ def _report(data):
                      % (100 * spread))
     notes += [
         "State %s in 8 float32 arrays; a step is x <- sin(x) + 1 in place over %d elements of one array "
-        "(median %.2f ms locally; TF: %s elements, %s ms); phases of K = %g s, %d pairs per method."
-        % (fmt_mb(local["nbytes"]), local["elements"], local["step_ms"], local.get("tf_elements", "—"),
-           "%.2f" % local["tf_step_ms"] if "tf_step_ms" in local else "—", K, cfg["pairs"]),
+        "(median %.2f ms locally; TF2: %s elements, %s ms; TF1: %s elements, %s ms); phases of K = %g s, "
+        "%d pairs per method." % (
+            fmt_mb(local["nbytes"]), local["elements"], local["step_ms"], local.get("tf_elements", "—"),
+            "%.2f" % local["tf_step_ms"] if "tf_step_ms" in local else "—",
+            runs["tf1_hook"]["elements"] if "tf1_hook" in runs else "—",
+            "%.2f" % runs["tf1_hook"]["step_ms"] if "tf1_hook" in runs else "—", K, cfg["pairs"]),
+        "TF1's hook runs with save_secs that never comes due, its timer reset at the start of each checkpoint "
+        "phase (its timer reads the wall clock, not an injected one); its plain phases run the same "
+        "MonitoredSession, whose per-step cost both phases share.",
         "Fraction: steps/s of a checkpoint phase (one save at its start, K seconds of training) over steps/s "
         "of the adjacent plain phase; pooled = all checkpoint-phase steps/s over all plain-phase steps/s.",
         "Spilled: a save still in flight when its checkpoint phase ended (rayhooks/TF2: waited for, untimed, "
         "before the plain phase; rh.launch: its commit fell in a plain phase). Ray Train's ASYNC upload is "
         "not waited for.",
-        "Blocking ms per save: rayhooks async = the snapshot (hook.last_stall_secs); rayhooks sync = "
+        "Blocking ms per save: rayhooks async = the snapshot (hook.last_stall_secs); rayhooks sync and TF1 = "
         "before_save to after_save; TF2 = the write() call; Ray Train = writing the .npy files plus the "
         "report() call. rh.launch's worker-side snapshot is not exposed ('—').",
         "rayhooks local and rh.launch plain phases: rayhooks local runs sess.run(step) with no save due; "

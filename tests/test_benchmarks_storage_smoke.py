@@ -113,9 +113,10 @@ def test_throughput_tiny_runs_every_local_method(tmp_path):
         assert run["skipped"] == 0
         assert len(run["stalls"]) == cfg["pairs"]
         _positive_finite(run["stalls"])
-    for method in ("rh_async", "rh_sync"):
+    for method in ("rh_async", "rh_sync", "tf1_hook"):
         # the save at session creation, one per checkpoint phase, the one at close
         assert local["runs"][method]["committed"] == cfg["pairs"] + 2, method
+    assert local["runs"]["tf1_hook"]["elements"] > 0
     assert local["runs"]["tf2_async"]["committed"] == cfg["pairs"]
     summary = result.data["summary"]
     assert set(summary) == set(bench_throughput.LOCAL_METHODS)
