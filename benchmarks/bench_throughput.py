@@ -394,28 +394,6 @@ def tf2_async(ckpt, step, pairs, save_secs, tmp):
     return {"pairs": pairs_out, "stalls": stalls, "saves": n[0], "committed": written, "skipped": 0}
 
 
-class _Tf1Probe:
-    """TF1 listener: the steps saved and each save's stall (the hook blocks from before_save to after_save)."""
-
-    def __init__(self):
-        self.before, self.after, self.stalls = [], [], []
-        self._began = None
-
-    def begin(self):
-        pass
-
-    def before_save(self, session, step):
-        self._began = time.perf_counter()
-        self.before.append(step)
-
-    def after_save(self, session, step):
-        self.after.append(step)
-        self.stalls.append(time.perf_counter() - self._began)
-
-    def end(self, session, step):
-        pass
-
-
 class Tf1Step:
     """The TF1 twin of NumpyStep: one `sess.run` of a graph-mode train op, x <- sin(x) + 1 over a slice of one
     variable (gather, then scatter), which also increments the global step, through a TF1 MonitoredSession."""
@@ -460,7 +438,7 @@ def tf1_hook(sizes, pairs, save_secs, warm_secs, step_secs, tmp):
             with tf.control_dependencies([update]):
                 ops.append(v1.assign_add(global_step, 1))
         scaffold = v1.train.Scaffold(saver=v1.train.Saver(max_to_keep=2))
-        probe = _Tf1Probe()
+        probe = _SaveProbe()  # no rayhooks hook: a stall is before_save to after_save
         hook = v1.train.CheckpointSaverHook(tmp, save_secs=HUGE, scaffold=scaffold, listeners=[probe])
         config = v1.ConfigProto(intra_op_parallelism_threads=1)  # as numpy, and as the TF2 anchor
         sess = v1.train.MonitoredSession(v1.train.ChiefSessionCreator(scaffold=scaffold, config=config),
