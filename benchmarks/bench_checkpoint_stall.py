@@ -113,14 +113,14 @@ LABELS = {
 }
 
 
-def _config(quick, tiny):
-    """[(size_bytes, warm saves, arrays)], memory size, memory saves."""
+def _config(quick, tiny, large=False):
+    """[(size_bytes, warm saves, arrays)], memory size, memory saves; `large`: with the 2 GB state (full mode)."""
     if tiny:
         return [(1 * MB, 1, PARTS)], 1 * MB, 1
     if quick:
         return [(64 * MB, 5, PARTS), (512 * MB, 1, PARTS), (64 * MB, 3, MANY_PARTS)], 512 * MB, 1
     sizes = [(64 * MB, 10, PARTS), (512 * MB, 5, PARTS), (64 * MB, 5, MANY_PARTS)]
-    if _large_state_skipped(quick) is None:
+    if large:
         sizes.insert(2, (LARGE, LARGE_WARM, PARTS))
     return sizes, 512 * MB, 4
 
@@ -152,13 +152,13 @@ def _state_label(nbytes, parts):
     return fmt_mb(nbytes) + ("" if parts == PARTS else " in %d variables" % parts)
 
 
-def _ray_config(quick, tiny):
+def _ray_config(quick, tiny, large=False):
     """[(size_bytes, warm saves)] of the Ray Train anchors: fewer, as each waits for a controller poll (2 s)."""
     if tiny:
         return [(1 * MB, 1)]
     if quick:
         return [(64 * MB, 3), (512 * MB, 1)]
-    return [(64 * MB, 5), (512 * MB, 3)] + ([(LARGE, 2)] if _large_state_skipped(quick) is None else [])
+    return [(64 * MB, 5), (512 * MB, 3)] + ([(LARGE, 2)] if large else [])
 
 
 # -- the state ----------------------------------------------------------------------
@@ -609,7 +609,9 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
     asynchronous saves."""
     if ray is None:
         ray = not tiny
-    sizes, mem_size, mem_saves = _config(quick, tiny)
+    large_skipped = None if tiny else _large_state_skipped(quick)  # decided once: free memory changes as it runs
+    large = not tiny and large_skipped is None
+    sizes, mem_size, mem_saves = _config(quick, tiny, large)
     own_tmp = tmp_root is None
     tmp_root = tmp_root or tempfile.mkdtemp(prefix="rayhooks-bench-ckpt-")
     results = {}
@@ -625,7 +627,7 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
                 results[size, parts] = measure(size, warm, run_methods, tmp_root, parts)
         raytrain = None
         if ray:  # after the local workers, so that Ray's processes are not running beside them
-            ray_sizes = [(size, warm) for size, warm in _ray_config(quick, tiny) if (size, PARTS) in results]
+            ray_sizes = [(size, warm) for size, warm in _ray_config(quick, tiny, large) if (size, PARTS) in results]
             try:
                 got, raytrain = measure_raytrain(ray_sizes, tmp_root)
                 for size, res in got.items():
@@ -647,7 +649,7 @@ def run(quick=False, tiny=False, methods=METHODS, isolate=True, memory=True, tmp
     finally:
         if own_tmp:
             shutil.rmtree(tmp_root, ignore_errors=True)
-    return _report(results, mem, sizes, raytrain, None if tiny else _large_state_skipped(quick))
+    return _report(results, mem, sizes, raytrain, large_skipped)
 
 
 def _copy_ratio(r):

@@ -127,23 +127,34 @@ def test_checkpoint_stall_tiny_runs_every_method():
 
 def test_checkpoint_stall_runs_2gb_in_full_mode_where_memory_allows_and_says_when_not(monkeypatch):
     stall, gb = bench_checkpoint_stall, bench_checkpoint_stall.LARGE
-
-    def sizes(quick):
-        return [size for size, _, _ in stall._config(quick, tiny=False)[0]]
     monkeypatch.setattr(stall, "_available_memory", lambda: gb * stall.LARGE_MEMORY_FACTOR)
     assert stall._large_state_skipped(quick=False) is None
-    assert gb in sizes(quick=False) and gb in [size for size, _ in stall._ray_config(False, False)]
-    assert gb not in sizes(quick=True) and "full mode" in stall._large_state_skipped(quick=True)
-
+    assert "full mode" in stall._large_state_skipped(quick=True)
     monkeypatch.setattr(stall, "_available_memory", lambda: gb * stall.LARGE_MEMORY_FACTOR - 1)
     assert "skipped" in stall._large_state_skipped(quick=False)
     monkeypatch.setattr(stall, "_available_memory", lambda: 2 * gb)
     assert stall._large_state_skipped(quick=False) == (
         "the 2048 MB state was skipped: it needs %d MB of available memory, this machine has 4096 MB"
         % (2048 * stall.LARGE_MEMORY_FACTOR))
-    assert gb not in sizes(quick=False) and gb not in [size for size, _ in stall._ray_config(False, False)]
     monkeypatch.setattr(stall, "_available_memory", lambda: None)
     assert "unknown" in stall._large_state_skipped(quick=False)
+
+    for large in (True, False):
+        sizes = [size for size, _, _ in stall._config(False, False, large)[0]]
+        ray_sizes = [size for size, _ in stall._ray_config(False, False, large)]
+        assert (gb in sizes, gb in ray_sizes) == (large, large)
+
+
+def test_checkpoint_stall_decides_on_the_2gb_state_once_and_says_why_it_was_skipped(monkeypatch):
+    stall = bench_checkpoint_stall
+    answers = iter(["the 2048 MB state was skipped: it needs more", None, None])  # memory freed while it ran
+    monkeypatch.setattr(stall, "_large_state_skipped", lambda quick: next(answers))
+    measured = []
+    monkeypatch.setattr(stall, "measure", lambda size, *args: measured.append(size) or {"nbytes": size, "methods": {}})
+    monkeypatch.setattr(stall, "_report", lambda results, mem, sizes, raytrain, large_skipped: (sizes, large_skipped))
+    sizes, why = stall.run(quick=False, isolate=False, memory=False, ray=False)
+    assert stall.LARGE not in measured and stall.LARGE not in [size for size, _, _ in sizes]
+    assert why == "the 2048 MB state was skipped: it needs more"
 
 
 def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
