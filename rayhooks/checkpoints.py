@@ -67,7 +67,7 @@ class RetentionPolicy:
         self.keep_every_secs = None if keep_checkpoint_every_n_hours is None else keep_checkpoint_every_n_hours * 3600
 
     def split(self, infos: List[CheckpointInfo], last_preserved: float):
-        """Returns (kept, preserved_forever, dropped, new last_preserved); infos sorted by step."""
+        """Returns (kept, preserved_forever, dropped, new last_preserved); infos oldest first."""
         if self.max_to_keep is None or len(infos) <= self.max_to_keep:
             return infos, [], [], last_preserved
         cut = len(infos) - self.max_to_keep
@@ -135,7 +135,11 @@ class CheckpointStore:
         return info
 
     def _retain(self, newest: CheckpointInfo) -> None:
-        infos = [i for i in self.committed() if not i.preserved]
+        # Oldest first, as CheckpointManager orders by save time. A checkpoint of a higher step
+        # than the one just committed belongs to a run resumed below it (it did not verify): it
+        # counts as the oldest, and the one just committed is the latest, for TF's readers too.
+        infos = sorted((i for i in self.committed() if not i.preserved),
+                       key=lambda i: (i.step <= newest.step, i.step))
         old = self._read_state()
         last_preserved = old.last_preserved_timestamp if old is not None else \
             (infos[0].timestamp if infos else newest.timestamp)
@@ -149,14 +153,22 @@ class CheckpointStore:
             all_model_checkpoint_paths=[i.prefix for i in kept],
             all_model_checkpoint_timestamps=[i.timestamp for i in kept],
             last_preserved_timestamp=last_preserved)
-        self.storage.write_bytes(STATE_FILE, state_file.format_state(state).encode())
-        # The checkpoint is committed by now: clearing old files is housekeeping, and a
-        # failure there must not turn a good save into a failed one.
+        # The checkpoint is committed by now (its manifest is written): the state file is for
+        # TF's readers, and clearing old files is housekeeping; a failure in either must not
+        # turn a good save into a failed one.
+        try:
+            self.storage.write_bytes(STATE_FILE, state_file.format_state(state).encode())
+        except Exception as e:  # noqa: BLE001 -- logged; the next commit writes it again
+            logger.error("[step=%d] committed, but TF's `checkpoint` state file in %s could not be updated "
+                         "(%s): rayhooks resumes from step %d all the same, while plain TF's "
+                         "tf.train.latest_checkpoint names an older checkpoint until a later commit rewrites "
+                         "the file; old checkpoints are kept until then", newest.step, self.url, e, newest.step)
+            return  # the old state file may name what retention would delete
         try:
             for info in dropped:  # the manifest goes first: a half-deleted checkpoint is then a partial
                 self.storage.delete([info.prefix + MANIFEST_SUFFIX])
                 self.storage.delete(sorted(info.files) + [info.prefix + LISTENERS_SUFFIX])
-            self.collect_partials()
+            self.collect_partials(before=newest.step)
         except Exception as e:  # noqa: BLE001 -- logged; `rayhooks gc` finishes the job later
             logger.warning("[step=%d] committed, but old or partial files could not be removed: %s; "
                            "`rayhooks gc %s` removes partial files later", newest.step, e, self.url)
@@ -172,8 +184,10 @@ class CheckpointStore:
         state = self._read_state()
         if state is None:
             return
+        # TF1's Saver (and so Estimator and MonitoredTrainingSession) writes absolute paths
+        # (or URLs); any checkpoint named there whose files lie in this directory counts.
         theirs = [p for p in state.all_model_checkpoint_paths or [state.model_checkpoint_path]
-                  if self.storage.exists(bundle.index_filename(p))]
+                  if self.storage.exists(bundle.index_filename(p.rstrip("/").rsplit("/", 1)[-1]))]
         if theirs:
             raise FileExistsError(
                 "%s holds TF checkpoints that rayhooks did not write (latest: %s) and that it would "
@@ -252,15 +266,22 @@ class CheckpointStore:
                 out.append(name)
         return out
 
-    def collect_partials(self) -> List[str]:
-        """Deletes partial files of steps older than the newest commit (newer ones may be in flight)."""
-        latest = self.latest()
-        if latest is None:
-            return []
+    def collect_partials(self, before: Optional[int] = None) -> List[str]:
+        """Deletes partial files of steps below `before` (default: the highest committed step).
+
+        Partial files of later steps may belong to saves still in flight. A commit
+        passes its own step: a run resumed below a damaged checkpoint writes steps
+        under that checkpoint's, and those must not be taken for stale.
+        """
+        if before is None:
+            latest = self.latest()
+            if latest is None:
+                return []
+            before = latest.step
         doomed = []
         for name in self.partials():
             m = self._pattern.fullmatch(name)
-            if m and int(m.group(1)) < latest.step:
+            if m and int(m.group(1)) < before:
                 doomed.append(name)
         self.storage.delete(doomed)
         return doomed
@@ -308,9 +329,12 @@ class CheckpointStore:
         """Restores the newest checkpoint that verifies; falls back to older ones with a warning.
 
         A restore that takes over a second shows a progress bar of the bytes read
-        (see `rayhooks.progress`).
+        (see `rayhooks.progress`). Returns None when nothing is committed; raises
+        ValueError, naming the URL and the steps, when every committed checkpoint
+        is damaged.
         """
-        for info in reversed(self.committed()):
+        infos = self.committed()
+        for info in reversed(infos):
             bar = progress.byte_bar("restoring step %d from %s" % (info.step, self.url),
                                     info.nbytes * (2 if verify else 1), file=progress_file)
             try:
@@ -322,6 +346,14 @@ class CheckpointStore:
                                info.step, info.url, "; ".join(problems))
                 continue
             return info
+        if infos:
+            # Starting from scratch here would silently throw the run away (and retention
+            # would then delete the damaged checkpoints, which may still be salvageable).
+            raise ValueError(
+                "%s: every committed checkpoint is damaged (steps %s; see the warnings above or run "
+                "`rayhooks verify %s`), so there is nothing to resume from. Repair or move the damaged "
+                "checkpoints away, or train into a new checkpoint_dir to start over."
+                % (self.url, ", ".join(str(i.step) for i in infos), self.url))
         return None
 
     def _verify_while_restoring(self, info, saver, worker, on_bytes, verify) -> List[str]:

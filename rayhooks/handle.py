@@ -34,11 +34,14 @@ def resolve_fetches(fetches, outputs, stale_step):
         if fetches == GLOBAL_STEP and GLOBAL_STEP not in outputs:
             return stale_step
         try:
-            return outputs[fetches]
+            value = outputs[fetches]
         except KeyError:
             raise KeyError("fetch %r is not an output of the step; the step returned %s. Return a dict "
                            "from your step function whose keys name the values hooks fetch."
                            % (fetches, sorted(outputs) or "nothing")) from None
+        # TF1's session.run returned numpy values: a tf.function's EagerTensor outputs become numpy
+        # here, so hooks log, compare and format them as they did in TF1.
+        return value.numpy() if hasattr(value, "numpy") else value
     if isinstance(fetches, dict):
         return {k: resolve_fetches(v, outputs, stale_step) for k, v in fetches.items()}
     if isinstance(fetches, (list, tuple)):

@@ -57,13 +57,16 @@ class MonitoredSession:
       steps_per_run: how many training steps one `run` performs; hooks see
         the global step advance by that much per run. As in TF1, only the
         checkpoint and step-counter hooks account for it; `StopAtStepHook`
-        and `SummarySaverHook` keep TF1's one-step arithmetic, except that
-        rayhooks stops exactly at `last_step` (TF1 could overshoot by a run).
+        keeps TF1's one-step arithmetic, except that rayhooks stops exactly
+        at `last_step` (TF1 could overshoot by a run). `SummarySaverHook`
+        triggers on the global step after each run: with `save_steps=4` and
+        3 steps a run it writes at steps 3, 9, 15, 21, where TF1, comparing
+        one step ahead, wrote at 3, 12, 21.
     """
 
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
                  global_step=None, steps_per_run=1, scaffold=None, restore_store=None,
-                 is_chief=True, worker_index=0, num_workers=1, keep_outputs=False, restore_shard=None):
+                 is_chief=True, worker_index=0, num_workers=1, restore_shard=None):
         if steps_per_run < 1:
             raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
         self._hooks = list(chief_hooks or []) + list(hooks or [])
@@ -92,7 +95,6 @@ class MonitoredSession:
                                     saver=self.saver, store=restore_store)
         self.coord = Coordinator()
         self._args_cache = (None, None)
-        self._keep_outputs = keep_outputs
         self._restore_shard = restore_shard
         self._should_stop = False
         self._closed = False
@@ -133,8 +135,8 @@ class MonitoredSession:
             clock = self._deadline_clock
             if not handle._woken and (clock is None or clock() < self._deadline):
                 handle.global_step = stale + self._steps_per_run
-                if self._keep_outputs:
-                    handle.outputs = as_outputs(result)
+                # Always kept: `session.run(name)` in a hook's or listener's `end` reads them.
+                handle.outputs = result if result.__class__ is dict else as_outputs(result)
                 return result
             # Woken while the step ran (a save committed, a signal, a plan from the chief), or
             # a seconds schedule came due: the hooks see this step as usual. Their before_run
@@ -176,8 +178,9 @@ class MonitoredSession:
             result = step_fn(*args, **kwargs)
         handle.global_step = stale + self._steps_per_run
         if requests is None:
-            if self._keep_outputs:
-                handle.outputs = as_outputs(result)
+            # Kept even when no hook fetched: TF1 hooks call `session.run(...)` in
+            # `after_run` and `end` (LoggingTensorHook(at_end=True)) and expect this step's values.
+            handle.outputs = as_outputs(result)
             for hook in self._after:
                 hook.after_run(context, _NO_VALUES)
         else:
@@ -212,6 +215,9 @@ class MonitoredSession:
         if exc_type is None:
             for hook in self._hooks:
                 hook.end(self.handle)
+            # As TF1's session close (Coordinator.join): an error a hook reported with
+            # `coord.request_stop(ex)` is raised here, after the `end` hooks, never dropped (I6).
+            self.coord.raise_requested_exception()
 
     def __enter__(self):
         return self
@@ -343,8 +349,21 @@ def _restore_store(checkpoint_dir, hooks, storage_options):
     """The store to resume from: the checkpoint hook's own for that directory, if there is one."""
     from rayhooks.checkpoints import CheckpointStore
     from rayhooks.storage import Storage
+    wanted = Storage(checkpoint_dir, storage_options)
     for hook in hooks:
         store = getattr(hook, "store", None)
-        if store is not None and store.url == Storage(checkpoint_dir).url:
+        if store is not None and (store.url == wanted.url or _same_directory(store.storage, wanted)):
             return store
-    return CheckpointStore(Storage(checkpoint_dir, storage_options))
+    return CheckpointStore(wanted)
+
+
+def _same_directory(a, b) -> bool:
+    """Whether two storages name one directory however spelled ("/x", "file:///x", "./x")."""
+    try:
+        return set(_protocols(a.fs)) == set(_protocols(b.fs)) and a._path("") == b._path("")
+    except Exception:  # noqa: BLE001 -- an unresolvable URL fails later, in the hook, with its own message
+        return False
+
+
+def _protocols(fs):
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

@@ -319,6 +319,5 @@ class WorkerContext:
                                 global_step=global_step, steps_per_run=steps_per_run,
                                 restore_store=store, is_chief=self.worker_index == 0,
                                 worker_index=self.worker_index, num_workers=self.num_workers,
-                                keep_outputs=True,
                                 restore_shard=self.worker_index if self.spec.checkpoint is not None
                                 and self.spec.checkpoint.all_workers_write else None)

@@ -37,6 +37,25 @@ def test_a_checkpoint_dir_written_by_plain_tf_is_refused_and_left_untouched(tmp_
     assert tf.train.latest_checkpoint(url).endswith("ckpt-100")
 
 
+def test_a_checkpoint_dir_written_by_tf1s_saver_with_absolute_paths_is_refused_and_left_untouched(tmp_path):
+    """TF1's Saver (Estimator, tf.compat.v1's MonitoredTrainingSession) names its checkpoints in the
+    state file by absolute path, where CheckpointManager names them relative to the directory."""
+    url = str(tmp_path / "tf1")
+    with tf.Graph().as_default():
+        tf.compat.v1.get_variable("w", initializer=np.float32(42.0))
+        saver = tf.compat.v1.train.Saver()  # save_relative_paths=False, TF1's default
+        with tf.compat.v1.Session() as s:
+            s.run(tf.compat.v1.global_variables_initializer())
+            for step in (100, 200):
+                saver.save(s, os.path.join(url, "model.ckpt"), global_step=step)
+    assert '"%s/model.ckpt-200"' % url in (tmp_path / "tf1" / "checkpoint").read_text()
+    before = {name: (tmp_path / "tf1" / name).read_bytes() for name in os.listdir(url)}
+    with pytest.raises(FileExistsError) as error:
+        _run(url, 4, {"w": np.zeros((), np.float32)})
+    assert url in str(error.value) and "model.ckpt-200" in str(error.value)
+    assert {name: (tmp_path / "tf1" / name).read_bytes() for name in os.listdir(url)} == before
+
+
 def test_a_malformed_state_file_is_reported_and_replaced_without_losing_checkpoints(tmp_path, caplog):
     url = str(tmp_path / "run")
     state = {"w": np.zeros(2, np.float32)}

@@ -423,3 +423,15 @@ def test_console_script(run_dir):
     done = subprocess.run([exe, "ls", run_dir], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert _row(done.stdout, 30)[4] == "latest"
+
+
+def test_python_dash_m_rayhooks_is_the_same_command(run_dir):
+    import sys
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-m", "rayhooks", "ls", run_dir], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert _row(done.stdout, 30)[4] == "latest"
+    done = subprocess.run([sys.executable, "-m", "rayhooks", "ls", run_dir + "/nothing-here"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2  # the exit code reaches the shell

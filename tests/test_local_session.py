@@ -320,6 +320,35 @@ def test_resume_skips_a_damaged_newest_checkpoint(storage_url, caplog):
     assert store.verify(store.latest()) == []
 
 
+def test_when_every_committed_checkpoint_is_damaged_resume_raises_and_leaves_them(storage_url):
+    _train(storage_url, _numpy_state(), last_step=6, save_checkpoint_steps=3, max_to_keep=1)
+    storage = rh.Storage(storage_url)
+    damaged = "model.ckpt-6.data-00000-of-00001"
+    data = bytearray(storage.read_bytes(damaged))
+    data[0] ^= 0x55
+    storage.write_bytes(damaged, bytes(data))
+    with pytest.raises(ValueError) as error:
+        _train(storage_url, _numpy_state(), last_step=12, save_checkpoint_steps=3, max_to_keep=1)
+    message = str(error.value)
+    assert storage_url in message and "steps 6" in message and "damaged" in message and "rayhooks verify" in message
+    assert storage.read_bytes(damaged) == bytes(data)  # left for repair: not retrained over, not retained away
+    assert _committed(storage_url) == [6]
+
+
+def test_resume_finds_the_hooks_checkpoints_however_the_directory_is_spelled(tmp_path):
+    """The session resumes from the checkpoint hook's own store (its basename) when the two name
+    one directory, whether as a path or a file:// URL."""
+    d = str(tmp_path / "run")
+
+    def hook():
+        return rh.CheckpointSaverHook(d, save_steps=2, checkpoint_basename="ckpt")
+    _train(d, _numpy_state(), last_step=4, save_checkpoint_secs=None, chief_only_hooks=[hook()])
+    state = _numpy_state()
+    first, last = _train("file://" + d, state, last_step=6, save_checkpoint_secs=None, chief_only_hooks=[hook()])
+    assert (first, last) == (4, 6)
+    np.testing.assert_array_equal(state["w"], np.full((2, 3), 6, np.float32))
+
+
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_a_damaged_newest_tf_checkpoint_falls_back_while_verified_during_restore(tmp_path, caplog, where):
     """The checksum check runs beside TF's restore: damage that TF trips on, or that only the
