@@ -381,20 +381,22 @@ def _write_local(path: str, data: bytes) -> None:
 # -- summaries ---------------------------------------------------------------
 
 
-def _events_files(storage) -> List[Tuple[str, object, str]]:
-    """(run, storage, file name) of every events file in the directory and its subdirectories."""
+def _events_files(storage, run: str = ".") -> List[Tuple[str, object, str]]:
+    """(run, storage, file name) of every events file in the directory and its subdirectories.
+
+    Every level, as TensorBoard searches (`runs/evaluate/eval` is run `evaluate/eval`).
+    """
     fs, root = storage.fs, storage._path("")
     found = []
     entries = storage.call("list", "", fs.ls, root, detail=True)
     for entry in sorted(entries, key=lambda e: e["name"]):
+        if entry["name"].rstrip("/") == root.rstrip("/"):
+            continue  # an object store's placeholder of the directory itself
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if entry.get("type") == "directory":
-            child = storage.child(name)
-            for sub in child.listdir():
-                if "tfevents" in sub:
-                    found.append((name, child, sub))
+            found += _events_files(storage.child(name), name if run == "." else run + "/" + name)
         elif "tfevents" in name:
-            found.append((".", storage, name))
+            found.append((run, storage, name))
     return found
 
 
@@ -443,6 +445,13 @@ def cmd_summaries(args) -> int:
                     except DecodeError:
                         _warn("%s: skipping an undecodable record" % where.url_of(name))
                         continue
+                    if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                        # A restart: as TensorBoard does, drop what the run had logged at
+                        # this step or later (the orphans of the job that died).
+                        for key, points in series.items():
+                            if key[0] == run:
+                                points[:] = [p for p in points if p[0] < event.step]
+                        continue
                     if not event.HasField("summary"):
                         continue
                     for value in event.summary.value:
@@ -452,6 +461,7 @@ def cmd_summaries(args) -> int:
                                 (event.step, number, event.wall_time))
             except ValueError as e:  # a torn tail: the file is still being written
                 _warn("%s: %s; using the records before it" % (where.url_of(name), e))
+    series = {key: points for key, points in series.items() if points}
     if not series:
         print("no scalar summaries in %d events file(s) under %s" % (len(files), storage.url))
         if args.plot:

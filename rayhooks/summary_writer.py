@@ -30,6 +30,10 @@ class SummaryWriter:
         self.flush_secs = flush_secs
         self._clock = clock
         self._lock = threading.Lock()
+        # One flush at a time: two overlapping uploads of the whole file to an object
+        # store could finish out of order (the older one winning), and two local appends
+        # could land out of order.
+        self._flush_lock = threading.Lock()
         self._pending = []
         self._spool = None
         self._filename = None
@@ -48,6 +52,12 @@ class SummaryWriter:
     def _add(self, record: bytes) -> None:
         self._raise_if_failed()
         with self._lock:
+            if self._closed.is_set():
+                # Used again after close() (e.g. a hook kept it across
+                # SummaryWriterCache.clear()): reopen on a new file, as TF1's
+                # FileWriter.reopen() does, rather than rewrite the closed one.
+                self._closed.clear()
+                self._filename = None
             if self._filename is None:
                 self._filename = events.event_filename(now=self._clock())
                 self._pending.append(events.frame_record(events.file_version_event(self._clock())))
@@ -98,6 +108,10 @@ class SummaryWriter:
                 logger.error("summary flush to %s failed: %s", self.url, e)
 
     def _flush_pending(self):
+        with self._flush_lock:
+            self._flush_pending_locked()
+
+    def _flush_pending_locked(self):
         with self._lock:
             batch, self._pending = self._pending, []
             name = self._filename
@@ -108,8 +122,20 @@ class SummaryWriter:
             if self.storage.is_local:
                 path = os.path.join(self.storage.local_root, name)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "ab") as f:
-                    f.write(data)
+                with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
+                    start = f.seek(0, os.SEEK_END)
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[f.write(view):]
+                    except BaseException:
+                        # A torn record would hide every later one from readers;
+                        # the batch is retried whole, so cut back to where it began.
+                        try:
+                            f.truncate(start)
+                        except OSError:
+                            pass
+                        raise
             else:
                 if self._spool is None:
                     self._spool = tempfile.TemporaryFile(prefix="rayhooks-events-")

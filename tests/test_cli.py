@@ -297,6 +297,9 @@ def test_summaries_of_a_training_run_and_plot(tmp_path, capsys):
     with tf.summary.create_file_writer(os.path.join(url, "eval")).as_default():
         for s in (2, 4):
             tf.summary.scalar("accuracy", 0.25 * s, step=s)
+    # And one two levels down, which TensorBoard finds too.
+    with tf.summary.create_file_writer(os.path.join(url, "evaluate", "eval")).as_default():
+        tf.summary.scalar("auc", 0.75, step=3)
 
     code, out, err = _run(capsys, "summaries", url)
     assert code == 0, err
@@ -304,6 +307,8 @@ def test_summaries_of_a_training_run_and_plot(tmp_path, capsys):
     assert cells[2] == "5" and float(cells[3]) == pytest.approx(2.0)
     cells = _summary_row(out, "eval", "accuracy")
     assert cells[2] == "4" and float(cells[3]) == pytest.approx(1.0)
+    cells = _summary_row(out, "evaluate/eval", "auc")
+    assert cells[2] == "3" and float(cells[3]) == pytest.approx(0.75)
 
     png = str(tmp_path / "out.png")
     code, out, err = _run(capsys, "summaries", url, "--plot", png)

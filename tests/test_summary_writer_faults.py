@@ -1,0 +1,134 @@
+"""The tfevents writer under faults (a slow upload, a full disk, reuse after close) and
+`rayhooks summaries` after a restart, each read back with TensorBoard's own reader."""
+
+import io
+import os
+import resource
+import signal
+import threading
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto import event_pb2
+
+import rayhooks as rh
+from rayhooks import cli
+from rayhooks.formats.events import read_records
+
+
+def _events(url):
+    """[[file_version or step, ...] per events file], files in name order."""
+    storage = rh.Storage(url)
+    out = []
+    for name in sorted(n for n in storage.listdir() if "tfevents" in n):
+        records = read_records(io.BytesIO(storage.read_bytes(name)))
+        out.append([("v" if e.file_version else e.step) for e in map(event_pb2.Event.FromString, records)])
+    return out
+
+
+class _CommitOnCloseFile(io.BytesIO):
+    """An object-store upload: the object appears only when the file closes.
+
+    The background flusher's first upload is held open until the test releases
+    it, so a flush() from the training thread can overtake it (a slow upload
+    is a fault this test cannot cause for real on the emulator at will).
+    """
+
+    def __init__(self, fs, path):
+        super().__init__()
+        self.fs, self.path = fs, path
+
+    def close(self):
+        if not self.closed:
+            data = self.getvalue()
+            if threading.current_thread().name == "rayhooks-summary-flush" and not _CommitOnCloseFS.held:
+                _CommitOnCloseFS.held = True
+                _CommitOnCloseFS.uploading.set()
+                assert _CommitOnCloseFS.release.wait(30)
+            MemoryFileSystem.store[self.path] = MemoryFile(self.fs, self.path, data)
+        super().close()
+
+    def discard(self):
+        pass
+
+
+class _CommitOnCloseFS(MemoryFileSystem):
+    protocol = "commitonclose"
+    held = False
+    uploading = threading.Event()
+    release = threading.Event()
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            return _CommitOnCloseFile(self, self._strip_protocol(path))
+        return super()._open(path, mode, **kwargs)
+
+
+def test_flush_waits_for_a_background_upload_instead_of_racing_it():
+    fsspec.register_implementation("commitonclose", _CommitOnCloseFS, clobber=True)
+    url = "commitonclose://race-%d" % os.getpid()
+    writer = rh.SummaryWriter(url, flush_secs=0.05)
+    writer.add_scalar("loss", 1.0, 1)
+    assert _CommitOnCloseFS.uploading.wait(30)  # the background flusher is uploading step 1
+    writer.add_scalar("loss", 2.0, 2)
+    flusher = threading.Thread(target=writer.flush)
+    flusher.start()
+    flusher.join(1.0)  # a racing flush is done by now; one that waits for the upload is not
+    _CommitOnCloseFS.release.set()  # the older upload finishes: it must not replace the newer object
+    flusher.join(30)
+    assert not flusher.is_alive()
+    writer.close()
+    assert _events(url) == [["v", 1, 2]]
+
+
+def test_writing_after_close_starts_a_new_file_and_keeps_the_old_one(memory_url):
+    writer = rh.SummaryWriter(memory_url, flush_secs=0)
+    writer.add_scalar("loss", 1.0, 1)
+    writer.close()
+    writer.add_scalar("loss", 2.0, 2)  # e.g. a hook kept the writer across SummaryWriterCache.clear()
+    writer.close()
+    assert _events(memory_url) == [["v", 1], ["v", 2]]
+
+
+def test_a_flush_failing_part_way_leaves_no_torn_record(tmp_path):
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    writer = rh.SummaryWriter(str(tmp_path), flush_secs=0)
+    try:
+        writer.add_scalar("loss", 1.0, 1)
+        writer.flush()
+        [name] = os.listdir(tmp_path)
+        for step in range(2, 40):
+            writer.add_scalar("loss", float(step), step)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(tmp_path / name) + 100, hard))
+        with pytest.raises(OSError):
+            writer.flush()  # the disk fills up in the middle of the batch
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    writer.close()  # the retry
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 40))
+
+
+def test_summaries_drop_what_a_restart_orphaned_as_tensorboard_does(tmp_path, capsys):
+    crashed = rh.SummaryWriter(str(tmp_path), flush_secs=0, clock=lambda: 1_700_000_000.0)
+    crashed.add_session_log("START", 1)
+    for step in (1, 51, 101, 141):
+        crashed.add_summary({"loss": float(step), "eval/acc": 0.5}, step)
+    crashed.close()
+    resumed = rh.SummaryWriter(str(tmp_path), flush_secs=0, clock=lambda: 1_700_000_100.0)
+    resumed.add_session_log("START", 101)  # restored from the checkpoint at step 100
+    resumed.add_summary({"loss": -111.0}, 111)
+    resumed.close()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/acc")] == [1, 51]
+
+    assert cli.main(["summaries", str(tmp_path)]) == 0
+    rows = {line.split()[1]: line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {"eval/acc": ["51", "0.5"], "loss": ["111", "-111"]}
