@@ -262,8 +262,8 @@ class CheckpointStore:
             m = self._pattern.fullmatch(name)
             if m and "%s-%s" % (self.basename, m.group(1)) not in committed:
                 out.append(name)
-            elif ".tmp-" in name and name.startswith(self.basename):
-                out.append(name)
+            elif ".tmp-" in name and (name.startswith(self.basename) or name.startswith(STATE_FILE + ".tmp-")):
+                out.append(name)  # a local write cut short before its rename
         return out
 
     def collect_partials(self, before: Optional[int] = None) -> List[str]:
@@ -281,8 +281,8 @@ class CheckpointStore:
         doomed = []
         for name in self.partials():
             m = self._pattern.fullmatch(name)
-            if m and int(m.group(1)) < before:
-                doomed.append(name)
+            if m and int(m.group(1)) < before or name.startswith(STATE_FILE + ".tmp-"):
+                doomed.append(name)  # a state file's temporary: the commit that wrote it is over
         self.storage.delete(doomed)
         return doomed
 

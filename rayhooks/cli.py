@@ -245,12 +245,14 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    from rayhooks.checkpoints import STATE_FILE
     store = _open_store(args)
     latest = store.latest()
     doomed, kept = [], []
     for name in store.partials():
         step = _step_of(store, name)
-        if latest is not None and step is not None and step < latest.step:
+        state_temporary = name.startswith(STATE_FILE + ".tmp-")  # a state file write cut short
+        if latest is not None and (state_temporary or step is not None and step < latest.step):
             doomed.append(name)
         else:
             why = ("no committed checkpoint yet" if latest is None else

@@ -103,11 +103,13 @@ def test_partials_older_than_the_latest_commit_are_collected(storage_url):
     _save(store, 1)
     store.write_data(2, _tensors(2))
     store.storage.write_bytes("model.ckpt-3.index.tmp-0123456789ab", b"half")  # a dead local write
+    store.storage.write_bytes("checkpoint.tmp-0123456789ab", b"half")  # a state file write cut short
     store.write_data(9, _tensors(9))   # in flight, newer than what is committed next
     _save(store, 5)                    # commit runs collect_partials
     names = store.storage.listdir()
     assert not any(n.startswith("model.ckpt-2.") for n in names)
     assert "model.ckpt-3.index.tmp-0123456789ab" not in names
+    assert "checkpoint.tmp-0123456789ab" not in names
     assert sorted(n for n in names if n.startswith("model.ckpt-9")) == sorted(_files(9)[:2])
     assert [i.step for i in store.committed()] == [1, 5]
 

@@ -215,6 +215,18 @@ def test_gc_dry_run_then_yes(run_dir, capsys):
     assert code == 0 and "nothing to delete" in out and sorted(os.listdir(run_dir)) == after
 
 
+def test_gc_deletes_the_temporary_of_a_state_file_write_cut_short(run_dir, capsys):
+    import tensorflow as tf
+    temporary = os.path.join(run_dir, "checkpoint.tmp-0123456789ab")
+    with open(temporary, "wb") as f:
+        f.write(b"model_checkpoint_path: \"mod")
+    code, out, _ = _run(capsys, "gc", run_dir)
+    assert code == 0 and "would delete  %s" % temporary in out.splitlines()
+    code, out, _ = _run(capsys, "gc", run_dir, "--yes", "--quiet")
+    assert code == 0 and not os.path.exists(temporary)
+    assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-30")
+
+
 def test_gc_shows_progress_on_stderr_only(run_dir, capsys):
     code, out, err = _run(capsys, "gc", run_dir, "--yes")
     assert code == 0
