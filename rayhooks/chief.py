@@ -65,6 +65,7 @@ class Chief:
         self._shard_health: Dict[int, dict] = {}
         self._worker_retries: Dict[int, int] = {}
         self.errors: List[str] = []
+        self._failure: Optional[BaseException] = None  # a chief-only hook or listener raised: finish() raises it
         self._last_checkpoint_step = None
         self._rules: Dict[str, Action] = {}
         self._before_saved = set()
@@ -113,6 +114,8 @@ class Chief:
                                       fetches=self.spec.summary.fetches))
         recovering = self.planner is not None
         if not recovering:
+            for schedule in schedules:  # a hook object reused from an earlier launch (local backend)
+                schedule.timer.reset()
             self.planner = Planner(start_step, schedules, last_step=self.spec.last_step)
         for hook in self.spec.hooks:  # again after a recovery, as TF1's recovered session did
             hook.after_create_session(self.session, self.coord)
@@ -128,8 +131,14 @@ class Chief:
             # The workers restore `start_step`'s checkpoint: it is not written again (TF
             # restores lazily created variables from its files later), and its after_save
             # ran in the run that committed it (I3). The rule resumes one period later.
-            actions = [Action(a.step + a.every, a.kind, a.fetches, a.every)
-                       if a.kind == CHECKPOINT and a.every and a.step == start_step else a for a in actions]
+            # A seconds schedule's first save is the restored checkpoint itself: its deadline
+            # counts from now, as the step rule's period counts from `start_step`.
+            resumed = [a for a in actions if a.kind == CHECKPOINT and a.step == start_step]
+            for a in resumed:
+                if not a.every:
+                    self.planner.done(a)
+            actions = [a if a not in resumed else Action(a.step + a.every, a.kind, a.fetches, a.every)
+                       for a in actions if a not in resumed or a.every]
             self._last_checkpoint_step = start_step
         actions = self._announce(actions)
         return {"actions": actions, "stop_step": stop}
@@ -197,10 +206,31 @@ class Chief:
 
     # -- reports --------------------------------------------------------------
 
-    def report(self, worker: int, step: int, now: float, outputs: dict, shards: list, metrics: dict,
-               stop_requested: bool = False, skipped: tuple = (), preempted: bool = False,
-               failed: tuple = ()) -> None:
-        """Progress from one worker. Called without the worker waiting for it."""
+    def report(self, *args, **kwargs) -> None:
+        """Progress from one worker. Called without the worker waiting for it.
+
+        Nobody waits on a report, so an error a chief-only hook or a listener
+        raises here is kept, every worker is stopped, and `finish` raises it (I6).
+        """
+        if self._failure is not None:
+            return
+        try:
+            self._report(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- re-raised by finish()
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        logger.error("the chief failed handling a report; stopping every worker", exc_info=error)
+        self._failure = error
+        self.errors.append("chief: %r" % (error,))
+        try:
+            self._broadcast((), self.planner.request_stop(max(self.progress.values(), default=0), self._margin()))
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            logger.exception("could not stop the workers after the chief failed")
+
+    def _report(self, worker: int, step: int, now: float, outputs: dict, shards: list, metrics: dict,
+                stop_requested: bool = False, skipped: tuple = (), preempted: bool = False,
+                failed: tuple = ()) -> None:
         previous = self._last_seen.get(worker)
         if previous is not None and now > previous[1] and step > previous[0]:
             rate = self._rates[worker] = (step - previous[0]) / (now - previous[1])
@@ -211,6 +241,7 @@ class Chief:
         self._furthest = max(self._furthest, step)
         if worker == 0:
             self._metrics = metrics or self._metrics
+            self.session.outputs = self._metrics  # what `session.run(name)` in chief hooks and listeners reads
             for s, values in sorted(outputs.items()):
                 self._write_summaries(s, values)
             self._replay(step)
@@ -467,6 +498,17 @@ class Chief:
         self._ended[worker] = step
         self.progress[worker] = max(self.progress.get(worker, 0), step)
         ck = self.spec.checkpoint
+        if self._failure is not None:  # the run fails at finish(): no final save
+            return []
+        if ck is not None and not ck.all_workers_write and 0 in self._ended:
+            # Whichever of the two ends comes second sees it.
+            for other in ([w for w in sorted(self._ended) if w != 0] if worker == 0 else [worker]):
+                if self._ended[other] > self._ended[0]:
+                    logger.warning("[step=%d] worker %d trained past worker 0, which left its loop at step %d; "
+                                   "only worker 0 writes checkpoints (all_workers_write=False), so no step after "
+                                   "%d was saved. End every worker together (StopAtStepHook, or a stop the chief "
+                                   "decides), or pass all_workers_write=True",
+                                   self._ended[other], other, self._ended[0], self._ended[0])
         if ck is not None and step in self._final_saves:
             # Another writer's end announced this final save: with all_workers_write, this
             # worker's shard is part of it (without it the checkpoint could never commit).
@@ -506,6 +548,8 @@ class Chief:
         if self.spec.checkpoint is not None:
             SummaryWriterCache.get(self.spec.checkpoint.store.url,
                                    self.spec.checkpoint.store.storage.storage_options).flush()
+        if self._failure is not None:
+            raise self._failure
         return {"last_step": last_step, "committed": list(self.committed), "metrics": dict(self._metrics),
                 "recoveries": self.recoveries, "preemptions": self.preemptions,
                 "skipped_saves": self.skipped_saves, "failed_saves": self.failed_saves,

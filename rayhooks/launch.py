@@ -272,7 +272,7 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                 continue
             ray.get(chief.call.remote("worker_failed", index, str(cause)))
             ray.get(chief.call.remote("finish"))
-            raise cause
+            raise cause from getattr(cause, "original", None)
         summary = ray.get(chief.call.remote("finish"))
         return _result(summary, ray.get(refs))
     finally:

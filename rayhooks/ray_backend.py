@@ -130,16 +130,32 @@ class _WorkerActor:
         try:
             return train_fn(self.context)
         except BaseException as e:
-            raise WorkerError(self.context.worker_index, traceback.format_exc()) from e
+            raise WorkerError(self.context.worker_index, traceback.format_exc(), _picklable(e)) from e
+
+
+def _picklable(error):
+    """`error` if it survives the trip to the driver, else None (its traceback text still does)."""
+    from ray import cloudpickle
+    try:
+        cloudpickle.loads(cloudpickle.dumps(error))
+    except Exception:  # noqa: BLE001 -- any failure to pickle: send the text only
+        return None
+    return error
 
 
 class WorkerError(RuntimeError):
-    """A worker's `train_fn` raised; the message holds the worker's traceback."""
+    """A worker's `train_fn` raised; the message holds the worker's traceback.
 
-    def __init__(self, worker_index, formatted_traceback):
-        super().__init__(worker_index, formatted_traceback)
+    `original` is the exception itself where it pickles; `launch` raises this
+    error from it, so `err.__cause__` is what `train_fn` raised, as with the
+    local backend.
+    """
+
+    def __init__(self, worker_index, formatted_traceback, original=None):
+        super().__init__(worker_index, formatted_traceback, original)
         self.worker_index = worker_index
         self.formatted_traceback = formatted_traceback
+        self.original = original
 
     def __str__(self):
         return "worker %d failed:\n%s" % (self.worker_index, self.formatted_traceback)

@@ -353,6 +353,9 @@ def test_worker_exception_raises_its_traceback_and_keeps_committed_checkpoints(b
     assert "Traceback" in message                      # the worker's traceback, not just the repr
     assert "in maybe_fail" in message
     assert "ValueError: worker 1 broke at step %d" % FAIL_AT in message
+    # What train_fn raised, as the cause, on both backends: `except` clauses can look at it.
+    assert isinstance(failure.value, RuntimeError) and isinstance(failure.value.__cause__, ValueError)
+    assert str(failure.value.__cause__) == "worker 1 broke at step %d" % FAIL_AT
     store = rh.CheckpointStore(rh.Storage(ckpt_dir))
     infos = store.committed()
     assert {0, 2, 4} <= {i.step for i in infos}
@@ -609,3 +612,91 @@ def test_ray_workers_run_at_the_niceness_asked_for(ray_session, niceness, expect
     result = rh.launch(_report_niceness, 1, backend="ray", tf_config=False,
                        hooks=[rh.StopAtStepHook(last_step=2)], **kwargs)
     assert result.worker_results == [expected]
+
+
+# -- errors and fetches on the chief, resumes, reused hooks ------------------------------------------
+
+class _RaiseInAfterRun(rh.SessionRunHook):
+    def after_run(self, run_context, run_values):
+        if run_context.session.global_step == 3:
+            raise ValueError("chief hook broke at step 3")
+
+
+class _RaiseInAfterSave(rh.CheckpointSaverListener):
+    def after_save(self, session, step):
+        if step == 5:
+            raise ValueError("listener broke at step 5")
+
+
+@pytest.mark.parametrize("chief_hooks", [
+    lambda url: [_RaiseInAfterRun(), rh.CheckpointSaverHook(url, save_steps=5)],
+    lambda url: [rh.CheckpointSaverHook(url, save_steps=5, listeners=[_RaiseInAfterSave()])],
+], ids=["chief_hook", "listener"])
+def test_an_error_on_the_chief_mid_run_is_raised_by_launch(backend, ckpt_dir, chief_hooks):
+    """Nobody waits on a report, so the chief keeps the error, stops the workers and raises it at the end,
+    as the original exception (on Ray, a RayTaskError that is also a ValueError), with no final save."""
+    with pytest.raises(ValueError, match="broke at step"):
+        rh.launch(count_steps, 2, backend=backend, tf_config=False, chief_only_hooks=chief_hooks(ckpt_dir),
+                  hooks=[rh.StopAtStepHook(last_step=2000)])
+    assert all(i.step < 2000 for i in _committed(ckpt_dir))
+
+
+class _FetchLossAtEnd(rh.SessionRunHook):
+    def __init__(self, path):
+        self.path = path
+
+    def end(self, session):
+        with open(self.path, "w") as f:
+            f.write(repr(session.run("loss")))
+
+
+def test_a_chief_only_hook_can_session_run_a_step_output(backend, tmp_path):
+    out = str(tmp_path / "loss.txt")
+    rh.launch(count_steps, 2, backend=backend, tf_config=False,
+              chief_only_hooks=[_FetchLossAtEnd(out)], hooks=[rh.StopAtStepHook(last_step=10)])
+    with open(out) as f:
+        assert float(f.read()) == 10.0  # worker 0's loss after step 10
+
+
+def test_resume_with_save_secs_does_not_rewrite_the_restored_checkpoint(ckpt_dir):
+    index = os.path.join(ckpt_dir[len("file://"):], "model.ckpt-6.index")
+    first = rh.launch(count_steps, 2, backend="local",
+                      chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_secs=3600)],
+                      hooks=[rh.StopAtStepHook(last_step=6)])
+    assert first.checkpoints == [0, 6]
+    before = os.stat(index)
+    second = rh.launch(count_steps, 2, backend="local",
+                       chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_secs=3600)],
+                       hooks=[rh.StopAtStepHook(last_step=10)])
+    assert [r["start"] for r in second.worker_results] == [6, 6]
+    assert second.checkpoints == [10]
+    after = os.stat(index)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_checkpoint_hook_reused_for_a_second_local_launch_keeps_its_schedule(ckpt_dir):
+    hook = rh.CheckpointSaverHook(ckpt_dir, save_steps=4)
+    assert rh.launch(count_steps, 2, backend="local", chief_only_hooks=[hook],
+                     hooks=[rh.StopAtStepHook(last_step=10)]).checkpoints == [0, 4, 8, 10]
+    assert rh.launch(count_steps, 2, backend="local", chief_only_hooks=[hook],
+                     hooks=[rh.StopAtStepHook(last_step=20)]).checkpoints == [14, 18, 20]
+
+
+def _worker_0_leaves_at_step_3(ctx):
+    state = _initial_state(ctx)
+    with ctx.session(state=state) as sess:
+        while not sess.should_stop() and not (ctx.worker_index == 0 and sess.global_step == 3):
+            sess.run(_step, state)
+    return sess.global_step
+
+
+def test_a_worker_training_past_the_only_writer_is_warned_of(ckpt_dir, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING, logger="rayhooks"):
+        result = rh.launch(_worker_0_leaves_at_step_3, 2, backend="local",
+                           chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=4)],
+                           hooks=[rh.StopAtStepHook(last_step=10)])
+    assert result.worker_results == [3, 10]
+    assert max(result.checkpoints) == 3  # worker 0's final save; worker 1's steps are not saved
+    assert "worker 1 trained past worker 0, which left its loop at step 3" in caplog.text
+    assert "all_workers_write=True" in caplog.text

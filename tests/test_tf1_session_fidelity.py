@@ -69,14 +69,16 @@ def _rh_logging(last_step, **kwargs):
     return _logged("rayhooks", body)
 
 
-@pytest.mark.parametrize("last_step, kwargs, expected", [
-    pytest.param(5, dict(at_end=True), ["w = 5.0"], id="only-at-end"),
-    pytest.param(4, dict(every_n_iter=2, at_end=True), ["w = 1.0", "w = 3.0", "w = 4.0"],
-                 id="at-end-after-a-run-without-fetches"),
-])
-def test_logging_tensor_hook_at_end_logs_the_last_step(last_step, kwargs, expected):
-    assert _tf1_logging(last_step, **kwargs) == expected
-    assert _rh_logging(last_step, **kwargs) == expected
+def test_logging_tensor_hook_at_end_logs_the_last_step():
+    assert _tf1_logging(5, at_end=True) == ["w = 5.0"]
+    assert _rh_logging(5, at_end=True) == ["w = 5.0"]
+
+
+def test_logging_tensor_hook_at_end_after_a_run_without_fetches():
+    # TF1 logs these when its read of w runs after the update; its graph orders the two
+    # arbitrarily (it logged "w = 2.0" at step 3 in one run of this suite), so only
+    # rayhooks, whose step returns the value after the update, is held to them.
+    assert _rh_logging(4, every_n_iter=2, at_end=True) == ["w = 1.0", "w = 3.0", "w = 4.0"]
 
 
 def test_session_run_in_end_sees_the_last_step_on_quiet_runs(tmp_path):
