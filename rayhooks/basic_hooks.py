@@ -145,6 +145,8 @@ class LoggingTensorHook(SessionRunHook):
 
 
 class NanLossDuringTrainingError(RuntimeError):
+    """Raised by `NanTensorHook(fail_on_nan_loss=True)` when the loss is NaN; a RuntimeError, as in TF1."""
+
     def __str__(self):
         return "NaN loss during training."
 

@@ -70,7 +70,12 @@ class CheckpointSaverHook(SessionRunHook):
 
     rayhooks' keyword-only extras: `max_to_keep` and
     `keep_checkpoint_every_n_hours` (retention, as `tf.train.CheckpointManager`),
-    `storage_options` (for fsspec), `retry` (a `RetryPolicy`) and `clock`.
+    `storage_options` (for fsspec), `retry` (a `RetryPolicy`), `clock`,
+    `on_write_error` ("raise", the default: a save that fails after its
+    retries stops the run; "retry_next_save": it is logged and counted in
+    `failed_saves`, and training goes on) and `save_on_signals` (the signals
+    that save at the next step boundary and stop the run; SIGTERM by default,
+    `()` for none).
     """
 
     _what = "checkpoint save"

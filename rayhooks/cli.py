@@ -83,8 +83,10 @@ def _table(rows: List[List[str]], right: Tuple[int, ...] = ()) -> str:
 
 
 def _progress(args, **kwargs):
+    """A bar on stderr: on a terminal only, as a training run's (`RAYHOOKS_PROGRESS`); never with -q."""
     from tqdm import tqdm
-    return tqdm(file=sys.stderr, disable=args.quiet, dynamic_ncols=True, **kwargs)
+    from rayhooks import progress
+    return tqdm(file=sys.stderr, disable=True if args.quiet else progress._disable(), dynamic_ncols=True, **kwargs)
 
 
 def _open_storage(args):

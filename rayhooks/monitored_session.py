@@ -57,8 +57,8 @@ class MonitoredSession:
       steps_per_run: how many training steps one `run` performs; hooks see
         the global step advance by that much per run. As in TF1, only the
         checkpoint and step-counter hooks account for it; `StopAtStepHook`
-        keeps TF1's one-step arithmetic, except that rayhooks stops exactly
-        at `last_step` (TF1 could overshoot by a run). `SummarySaverHook`
+        keeps TF1's one-step arithmetic, except that rayhooks stops at the
+        first run that reaches `last_step` (TF1 could run one more). `SummarySaverHook`
         triggers on the global step after each run: with `save_steps=4` and
         3 steps a run it writes at steps 3, 9, 15, 21, where TF1, comparing
         one step ahead, wrote at 3, 12, 21.

@@ -22,7 +22,16 @@ from rayhooks.timer import NEVER_STEP, SecondOrStepTimer
 
 
 class SummarySaverHook(SessionRunHook):
-    """Saves summaries every N steps or seconds."""
+    """Saves summaries every N steps or seconds; TF1's signature, any fsspec URL.
+
+    `summary_op` (or `scaffold.summary_op`) says what to write: names of the
+    step's outputs (a string or a list; each becomes a scalar, histogram or
+    text summary by its value), a callable called on trigger steps with the
+    step's outputs (or nothing) that returns a `Summary`, bytes or a dict of
+    tag -> value, or TF1 serialized `Summary` bytes. `output_dir` is a directory URL;
+    `summary_writer` a writer of your own instead. rayhooks' keyword-only
+    extras: `clock` (for the seconds schedule) and `storage_options`.
+    """
 
     def __init__(self, save_steps=None, save_secs=None, output_dir=None, summary_writer=None,
                  scaffold=None, summary_op=None, *, clock=None, storage_options=None):

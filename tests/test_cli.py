@@ -227,19 +227,32 @@ def test_gc_deletes_the_temporary_of_a_state_file_write_cut_short(run_dir, capsy
     assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-30")
 
 
-def test_gc_shows_progress_on_stderr_only(run_dir, capsys):
+def test_gc_shows_progress_on_stderr_only(run_dir, capsys, monkeypatch):
+    monkeypatch.setenv("RAYHOOKS_PROGRESS", "1")  # stderr is no terminal here
     code, out, err = _run(capsys, "gc", run_dir, "--yes")
     assert code == 0
     assert "deleting" in err  # tqdm's bar
     assert "deleting" not in out
 
 
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_the_command_lines_bars_follow_rayhooks_progress(run_dir, capsys, monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv("RAYHOOKS_PROGRESS", raising=False)  # not a terminal: no bar
+    else:
+        monkeypatch.setenv("RAYHOOKS_PROGRESS", setting)
+    code, out, err = _run(capsys, "gc", run_dir, "--yes")
+    assert code == 0 and "deleted 2 partial file(s)" in out
+    assert "deleting" not in err
+
+
 # -- restore -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("where", ["file", "memory"])
-def test_restore_is_readable_by_tensorflow(where, tmp_path, memory_url, capsys):
+def test_restore_is_readable_by_tensorflow(where, tmp_path, memory_url, capsys, monkeypatch):
     import tensorflow as tf
+    monkeypatch.setenv("RAYHOOKS_PROGRESS", "1")  # the bars, on stderr that is no terminal here
     url = str(tmp_path / "run") if where == "file" else memory_url
     _make_run(url)
     dest = str(tmp_path / "restored")
