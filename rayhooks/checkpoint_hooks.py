@@ -27,9 +27,19 @@ from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage
 from rayhooks.summary_writer import SummaryWriterCache
 from rayhooks.timer import NEVER_STEP, SecondOrStepTimer
-from rayhooks.writer import BackgroundWriter
+from rayhooks.writer import BackgroundWriter, background_error
 
 logger = logging.getLogger("rayhooks")
+
+# Signal -> (the handler in place before any hook installed one, [hooks listening]). One
+# handler per signal serves every hook: hooks install and remove themselves in any order,
+# each hears the signal, and the last one out puts the process's own handler back.
+_signal_hooks = {}
+
+
+def _dispatch_signal(signum, frame):
+    for hook in list(_signal_hooks.get(signum, ((), []))[1]):
+        hook._on_signal(signum, frame)
 
 
 def _next_due(timer):
@@ -97,6 +107,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._preempted = False
         self._session_handle = None
         self.failed_saves = 0
+        self._failed_step = None  # the step of the last save that failed under retry_next_save
         self._saver = as_saver(saver)
         self._scaffold = scaffold
         self._checkpoint_dir = checkpoint_dir
@@ -144,7 +155,11 @@ class CheckpointSaverHook(SessionRunHook):
         if not self._save_on_signals or threading.current_thread() is not threading.main_thread():
             return
         for sig in self._save_on_signals:
-            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+            if sig not in _signal_hooks:
+                _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), [])
+            if self not in _signal_hooks[sig][1]:
+                _signal_hooks[sig][1].append(self)
+            self._previous_handlers[sig] = True
 
     def _on_signal(self, signum, frame):
         # Runs between bytecodes of the training thread: only set flags here.
@@ -156,8 +171,13 @@ class CheckpointSaverHook(SessionRunHook):
     def _restore_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may; a session closed elsewhere leaves ours in place
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in self._previous_handlers:
+            previous, hooks = _signal_hooks.get(sig, (None, []))
+            if self in hooks:
+                hooks.remove(self)
+            if not hooks and sig in _signal_hooks:
+                del _signal_hooks[sig]
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous_handlers = {}
 
     def _emergency_save(self, run_context):
@@ -169,6 +189,7 @@ class CheckpointSaverHook(SessionRunHook):
         if step != self._last_saved_step():
             CheckpointSaverHook._save(self, run_context.session, step, final=True)
             self._timer.update_last_triggered_step(step)
+            self._last_checkpoint_step = step  # what the async hook's `end` compares with
         run_context.request_stop()
 
     def _last_saved_step(self):
@@ -180,16 +201,21 @@ class CheckpointSaverHook(SessionRunHook):
 
     def _check_writer(self):
         """Raises a failed background save, or logs it under on_write_error='retry_next_save'."""
-        try:
-            self._writer.raise_if_failed()
-        except Exception as e:
+        failure = self._writer.take_error()
+        if failure is not None:
+            failed_step, exc = failure
+            e = background_error(self._writer.what, failed_step, exc)
             if self._on_write_error == "raise":
-                raise
+                raise e from exc
             self.failed_saves += 1
+            self._failed_step = failed_step  # `end` saves again if this was the last step
             logger.error("%s; training goes on and the next save retries (on_write_error='retry_next_save', "
                          "%d failed so far)", e, self.failed_saves)
             return False
         return True
+
+    def _final_save_due(self, last_step, last_saved):
+        return last_step != last_saved or self._failed_step == last_step
 
     def _get_saver(self, session):
         saver = self._saver
@@ -238,6 +264,8 @@ class CheckpointSaverHook(SessionRunHook):
             if self._save(run_context.session, step):
                 run_context.request_stop()
         self._due, self._due_at = _next_due(self._timer)
+        if self._preempted:  # a signal during the save above: its `_due = 0` must not be overwritten
+            self._due = 0
 
     def _quiet_until(self):
         return self._due
@@ -249,7 +277,7 @@ class CheckpointSaverHook(SessionRunHook):
     def end(self, session):
         self._restore_signal_handlers()
         last_step = session.global_step
-        if last_step != self._timer.last_triggered_step():
+        if self._final_save_due(last_step, self._timer.last_triggered_step()):
             self._save(session, last_step, progress=True)
         self._writer.close()
         self._summary_writer.flush()
@@ -366,7 +394,10 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         or "wait" (the loop waits for room).
       max_in_flight: snapshots held in memory at once (default 1).
       max_in_flight_bytes: byte budget for those snapshots (default: no limit
-        beyond `max_in_flight`).
+        beyond `max_in_flight`). A save is admitted by the size of the
+        previous snapshot (the whole budget before the first): the first save
+        after the state grew (optimizer slots made at the first step) can go
+        over it by that growth, once.
     """
 
     _what = "asynchronous checkpoint save"
@@ -440,7 +471,7 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         self._wait_for_uploads()
         self._dispatch_completed(session)
         last_step = session.global_step
-        if last_step != self._last_checkpoint_step:
+        if self._final_save_due(last_step, self._last_checkpoint_step):
             CheckpointSaverHook._save(self, session, last_step, progress=True)
         self._writer.close()
         self._summary_writer.flush()

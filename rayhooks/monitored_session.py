@@ -212,6 +212,12 @@ class MonitoredSession:
         self._should_stop = True  # a closed session runs nothing more
         self._quiet_until = 0
         self.handle._close_alarm()
+        if exc_type is not None:
+            # `end` does not run after an error; a hook's signal handler must not outlive the run.
+            for hook in self._hooks:
+                restore = getattr(hook, "_restore_signal_handlers", None)
+                if restore is not None:
+                    restore()
         if exc_type is None:
             for hook in self._hooks:
                 hook.end(self.handle)

@@ -1,0 +1,124 @@
+"""Preemption signals and the final save of the checkpoint hooks, in local mode.
+
+The signals are real: `signal.raise_signal` delivers SIGTERM to this process, and the hooks'
+handler runs in the training (main) thread. The write fault is real too: a directory where a
+checkpoint's data file must go makes the write fail, even as root.
+"""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import rayhooks as rh
+
+
+class Recorder(rh.CheckpointSaverListener):
+    def __init__(self, signal_at=None):
+        self.calls = []
+        self.signal_at = signal_at
+
+    def before_save(self, session, step):
+        self.calls.append(("before_save", step))
+        if step == self.signal_at:
+            signal.raise_signal(signal.SIGTERM)  # the preemption notice lands while this step is saved
+
+    def after_save(self, session, step):
+        self.calls.append(("after_save", step))
+
+    def end(self, session, step):
+        self.calls.append(("end", step))
+
+
+def _train(hooks, last_step=100, on_step=None):
+    state = {"w": np.zeros(4, np.float32)}
+
+    def step():
+        state["w"] += 1
+        if on_step is not None:
+            on_step(int(state["w"][0]))
+
+    with rh.MonitoredTrainingSession(state=state, chief_only_hooks=hooks, save_checkpoint_secs=None,
+                                     save_summaries_steps=None, log_step_count_steps=None,
+                                     hooks=[rh.StopAtStepHook(last_step=last_step)]) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    return sess.global_step
+
+
+def _committed(url):
+    return [i.step for i in rh.CheckpointStore(rh.Storage(url)).committed()]
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("make", [lambda d, r: rh.CheckpointSaverHook(d, save_steps=5, listeners=[r]),
+                                  lambda d, r: rh.AsyncCheckpointSaverHook(d, save_steps=5, listeners=[r],
+                                                                           in_flight="wait")],
+                         ids=["sync", "async"])
+def test_sigterm_during_a_save_saves_and_stops_at_the_next_step(tmp_path, make):
+    url = str(tmp_path)
+    recorder = Recorder(signal_at=5)
+    assert _train([make(url, recorder)]) == 6
+    assert _committed(url) == [0, 5, 6]
+
+
+def test_async_emergency_save_is_not_made_again_at_end(tmp_path):
+    url = str(tmp_path)
+    recorder = Recorder()
+
+    def on_step(n):
+        if n == 7:
+            signal.raise_signal(signal.SIGTERM)
+
+    assert _train([rh.AsyncCheckpointSaverHook(url, save_steps=100, listeners=[recorder])], on_step=on_step) == 7
+    assert recorder.calls == [("before_save", 0), ("after_save", 0), ("before_save", 7), ("after_save", 7),
+                              ("end", 7)]
+
+
+def test_two_hooks_both_hear_sigterm_and_leave_the_original_handler(tmp_path):
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+
+    def on_step(n):
+        if n == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    hooks = [rh.CheckpointSaverHook(first, save_steps=100), rh.AsyncCheckpointSaverHook(second, save_steps=100)]
+    assert _train(hooks, on_step=on_step) == 3
+    assert _committed(first)[-1] == 3 and _committed(second)[-1] == 3  # the autouse fixture checks the handler
+
+
+def test_a_session_that_fails_leaves_no_signal_handler_behind(tmp_path):
+    def on_step(n):
+        if n == 2:
+            raise RuntimeError("training failed")
+
+    with pytest.raises(RuntimeError, match="training failed"):
+        _train([rh.CheckpointSaverHook(str(tmp_path), save_steps=100)], on_step=on_step)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(rh.CheckpointSaverHook, {}),
+                                         (rh.AsyncCheckpointSaverHook, {"in_flight": "wait"})],
+                         ids=["sync", "async"])
+def test_retry_next_save_tries_a_failed_last_step_again_at_end(tmp_path, cls, kwargs):
+    url = str(tmp_path)
+    os.makedirs(os.path.join(url, "model.ckpt-10.data-00000-of-00001"))  # step 10's data cannot be written
+    hook = cls(url, save_steps=5, on_write_error="retry_next_save", retry=rh.RetryPolicy(max_attempts=1), **kwargs)
+    attempts = []
+    write_data = hook.store.write_data
+
+    def counted(step, *args, **kw):
+        attempts.append(step)
+        return write_data(step, *args, **kw)
+
+    hook.store.write_data = counted
+    assert _train([hook], last_step=10) == 10
+    assert attempts == [0, 5, 10, 10]  # the failed save of the last step was tried again at end
+    assert hook.failed_saves == 2
+    assert _committed(url) == [0, 5]
