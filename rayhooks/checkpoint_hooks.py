@@ -157,6 +157,10 @@ class CheckpointSaverHook(SessionRunHook):
         for sig in self._save_on_signals:
             if sig not in _signal_hooks:
                 _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), [])
+            elif signal.getsignal(sig) is not _dispatch_signal:
+                # Replaced since a hook put ours there (ray.init does, as may the user): ours
+                # goes back, and theirs is the one the last hook out restores.
+                _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), _signal_hooks[sig][1])
             if self not in _signal_hooks[sig][1]:
                 _signal_hooks[sig][1].append(self)
             self._previous_handlers[sig] = True

@@ -122,3 +122,25 @@ def test_retry_next_save_tries_a_failed_last_step_again_at_end(tmp_path, cls, kw
     assert attempts == [0, 5, 10, 10]  # the failed save of the last step was tried again at end
     assert hook.failed_saves == 2
     assert _committed(url) == [0, 5]
+
+
+def test_a_handler_set_over_ours_since_is_put_back_after_the_run(tmp_path):
+    """A hook left registered (its session never closed), then another handler set over
+    the hooks' one, as `ray.init` does in a driver: the next session's hook still hears
+    SIGTERM, and the other handler is what remains afterwards."""
+    def theirs(signum, frame):
+        raise AssertionError("the hooks' handler should have run")
+
+    original = signal.getsignal(signal.SIGTERM)
+    left_open = rh.CheckpointSaverHook(str(tmp_path / "left"), save_steps=5)
+    left_open.begin()  # never ended
+    signal.signal(signal.SIGTERM, theirs)
+    try:
+        url = str(tmp_path / "ckpt")
+        recorder = Recorder(signal_at=5)
+        assert _train([rh.CheckpointSaverHook(url, save_steps=5, listeners=[recorder])]) == 6
+        assert _committed(url) == [0, 5, 6]
+        left_open._restore_signal_handlers()
+        assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, original)
