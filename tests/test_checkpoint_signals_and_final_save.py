@@ -124,10 +124,13 @@ def test_retry_next_save_tries_a_failed_last_step_again_at_end(tmp_path, cls, kw
     assert _committed(url) == [0, 5]
 
 
-def test_a_handler_set_over_ours_since_is_put_back_after_the_run(tmp_path):
+def test_a_handler_set_over_ours_since_is_put_back_after_the_run(tmp_path, monkeypatch):
     """A hook left registered (its session never closed), then another handler set over
     the hooks' one, as `ray.init` does in a driver: the next session's hook still hears
     SIGTERM, and the other handler is what remains afterwards."""
+    from rayhooks import checkpoint_hooks
+    monkeypatch.setattr(checkpoint_hooks, "_signal_hooks", {})  # none of this suite's other hooks
+
     def theirs(signum, frame):
         raise AssertionError("the hooks' handler should have run")
 
