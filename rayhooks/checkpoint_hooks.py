@@ -103,7 +103,7 @@ class CheckpointSaverHook(SessionRunHook):
                              "got %r" % (on_write_error,))
         self._on_write_error = on_write_error
         self._save_on_signals = tuple(save_on_signals or ())
-        self._previous_handlers = {}
+        self._listening = set()  # the signals this hook hears through the shared handler
         self._preempted = False
         self._session_handle = None
         self.failed_saves = 0
@@ -163,7 +163,7 @@ class CheckpointSaverHook(SessionRunHook):
                 _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), _signal_hooks[sig][1])
             if self not in _signal_hooks[sig][1]:
                 _signal_hooks[sig][1].append(self)
-            self._previous_handlers[sig] = True
+            self._listening.add(sig)
 
     def _on_signal(self, signum, frame):
         # Runs between bytecodes of the training thread: only set flags here.
@@ -175,14 +175,14 @@ class CheckpointSaverHook(SessionRunHook):
     def _restore_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may; a session closed elsewhere leaves ours in place
-        for sig in self._previous_handlers:
+        for sig in self._listening:
             previous, hooks = _signal_hooks.get(sig, (None, []))
             if self in hooks:
                 hooks.remove(self)
             if not hooks and sig in _signal_hooks:
                 del _signal_hooks[sig]
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
+        self._listening = set()
 
     def _emergency_save(self, run_context):
         step = run_context.session.global_step
