@@ -58,10 +58,10 @@ class MonitoredSession:
         the global step advance by that much per run. As in TF1, only the
         checkpoint and step-counter hooks account for it; `StopAtStepHook`
         keeps TF1's one-step arithmetic, except that rayhooks stops at the
-        first run that reaches `last_step` (TF1 could run one more). `SummarySaverHook`
-        triggers on the global step after each run: with `save_steps=4` and
-        3 steps a run it writes at steps 3, 9, 15, 21, where TF1, comparing
-        one step ahead, wrote at 3, 12, 21.
+        first run that reaches `last_step` (TF1 could run one more).
+        `SummarySaverHook` triggers on the global step after each run: with
+        `save_steps=4` and 3 steps a run it writes at steps 3, 9, 15, 21,
+        where TF1, comparing one step ahead, wrote at 3, 12, 21.
     """
 
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
@@ -218,7 +218,7 @@ class MonitoredSession:
                 restore = getattr(hook, "_restore_signal_handlers", None)
                 if restore is not None:
                     restore()
-        if exc_type is None:
+        else:
             for hook in self._hooks:
                 hook.end(self.handle)
             # As TF1's session close (Coordinator.join): an error a hook reported with
@@ -358,18 +358,6 @@ def _restore_store(checkpoint_dir, hooks, storage_options):
     wanted = Storage(checkpoint_dir, storage_options)
     for hook in hooks:
         store = getattr(hook, "store", None)
-        if store is not None and (store.url == wanted.url or _same_directory(store.storage, wanted)):
+        if store is not None and store.storage.same_directory(wanted):
             return store
     return CheckpointStore(wanted)
-
-
-def _same_directory(a, b) -> bool:
-    """Whether two storages name one directory however spelled ("/x", "file:///x", "./x")."""
-    try:
-        return set(_protocols(a.fs)) == set(_protocols(b.fs)) and a._path("") == b._path("")
-    except Exception:  # noqa: BLE001 -- an unresolvable URL fails later, in the hook, with its own message
-        return False
-
-
-def _protocols(fs):
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)

@@ -177,6 +177,15 @@ class Storage:
     def is_local(self) -> bool:
         return "file" in _protocols(self.fs)
 
+    def same_directory(self, other: "Storage") -> bool:
+        """Whether `other` names this directory, however spelled ("/x", "file:///x", "./x")."""
+        if other.url == self.url:
+            return True
+        try:
+            return set(_protocols(self.fs)) == set(_protocols(other.fs)) and self._path("") == other._path("")
+        except Exception:  # noqa: BLE001 -- an unresolvable URL fails later, with its own message
+            return False
+
     @property
     def local_root(self) -> Optional[str]:
         """The directory on this machine, for a local URL; else None."""
