@@ -20,6 +20,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 
 from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
 from rayhooks.savers import as_saver, final_snapshot
@@ -31,15 +32,30 @@ from rayhooks.writer import BackgroundWriter, background_error
 
 logger = logging.getLogger("rayhooks")
 
-# Signal -> (the handler in place before any hook installed one, [hooks listening]). One
+# Signal -> (the handler in place before any hook installed one, hooks listening). One
 # handler per signal serves every hook: hooks install and remove themselves in any order,
-# each hears the signal, and the last one out puts the process's own handler back.
+# each hears the signal, and the last one out puts the process's own handler back. Hooks
+# are held weakly: one whose session was dropped without being closed must not keep the
+# process from hearing its own handler.
 _signal_hooks = {}
 
 
 def _dispatch_signal(signum, frame):
-    for hook in list(_signal_hooks.get(signum, ((), []))[1]):
+    previous, hooks = _signal_hooks.get(signum, (None, ()))
+    listening = list(hooks)
+    for hook in listening:
         hook._on_signal(signum, frame)
+    if listening:
+        return
+    # Every hook that listened is gone without closing its session: the signal is the
+    # process's again, and this delivery goes where it would have gone without the hooks.
+    _signal_hooks.pop(signum, None)
+    previous = signal.SIG_DFL if previous is None else previous
+    signal.signal(signum, previous)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action, e.g. SIGTERM ends the process
 
 
 def _next_due(timer):
@@ -156,13 +172,12 @@ class CheckpointSaverHook(SessionRunHook):
             return
         for sig in self._save_on_signals:
             if sig not in _signal_hooks:
-                _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), [])
+                _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), weakref.WeakSet())
             elif signal.getsignal(sig) is not _dispatch_signal:
                 # Replaced since a hook put ours there (ray.init does, as may the user): ours
                 # goes back, and theirs is the one the last hook out restores.
                 _signal_hooks[sig] = (signal.signal(sig, _dispatch_signal), _signal_hooks[sig][1])
-            if self not in _signal_hooks[sig][1]:
-                _signal_hooks[sig][1].append(self)
+            _signal_hooks[sig][1].add(self)
             self._listening.add(sig)
 
     def _on_signal(self, signum, frame):
@@ -176,9 +191,8 @@ class CheckpointSaverHook(SessionRunHook):
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may; a session closed elsewhere leaves ours in place
         for sig in self._listening:
-            previous, hooks = _signal_hooks.get(sig, (None, []))
-            if self in hooks:
-                hooks.remove(self)
+            previous, hooks = _signal_hooks.get(sig, (None, weakref.WeakSet()))
+            hooks.discard(self)
             if not hooks and sig in _signal_hooks:
                 del _signal_hooks[sig]
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)

@@ -147,3 +147,34 @@ def test_a_handler_set_over_ours_since_is_put_back_after_the_run(tmp_path, monke
         assert signal.getsignal(signal.SIGTERM) is theirs
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_a_session_dropped_without_close_hands_sigterm_back_to_the_process(tmp_path, monkeypatch):
+    """A script that never closes its session (no `with`, no `close()`) and lets it go: the
+    next SIGTERM reaches the handler the process had before, which is in place again after."""
+    import gc
+    import weakref
+    from rayhooks import checkpoint_hooks
+    monkeypatch.setattr(checkpoint_hooks, "_signal_hooks", {})  # none of this suite's other hooks
+    heard = []
+
+    def theirs(signum, frame):
+        heard.append(signum)
+
+    original = signal.signal(signal.SIGTERM, theirs)
+    try:
+        state = {"w": np.zeros(2, np.float32)}
+        hook = rh.CheckpointSaverHook(str(tmp_path), save_steps=100)
+        sess = rh.MonitoredTrainingSession(state=state, chief_only_hooks=[hook], save_checkpoint_secs=None,
+                                           save_summaries_steps=None, log_step_count_steps=None)
+        sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+        assert signal.getsignal(signal.SIGTERM) is not theirs  # the hooks' handler is listening
+        gone = weakref.ref(hook)
+        del sess, hook
+        gc.collect()
+        assert gone() is None, "something still holds the hook of a dropped session"
+        signal.raise_signal(signal.SIGTERM)
+        assert heard == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, original)
