@@ -265,7 +265,7 @@ class CheckpointSaverHook(SessionRunHook):
         for listener in self._listeners:
             listener.before_save(session, step)
         self._last_checkpoint_step = step
-        return self._after_commit(session, step, info)
+        return self._after_commit(session, step, info, saved=False)
 
     def after_run(self, run_context, run_values):
         step = run_context.session.global_step
@@ -381,11 +381,12 @@ class CheckpointSaverHook(SessionRunHook):
                       retries=self.retries)
         self._summary_writer.add_summary({"checkpoint/" + k: float(v) for k, v in health.items()}, step)
 
-    def _after_commit(self, session, step, info):
+    def _after_commit(self, session, step, info, saved=True):
         session.latest_checkpoint = info.url
         self.store.mark_listeners_started(step)  # at most once per step, even across a restart (I3)
         self._summary_writer.add_session_log("CHECKPOINT", step, checkpoint_path=self._save_path)
-        self._write_health(step)
+        if saved:  # a resumed run's restored checkpoint cost nothing now; its run wrote its health
+            self._write_health(step)
         logger.info("[step=%d] Calling checkpoint listeners after saving checkpoint %d...", step, step)
         should_stop = False
         for listener in self._listeners:

@@ -228,3 +228,25 @@ def test_summary_writer_flush_makes_everything_visible(storage_url):
     assert [(s, v.simple_value) for s, v in _values(evs, "a")] == [(1, 1.0), (2, 2.0)]
     assert [s for s, _ in _values(evs, "b")] == [2]
     assert _session_logs(evs) == [(2, "STOP", "")]
+
+
+def test_a_resumed_run_does_not_write_the_restored_checkpoints_health_again(tmp_path):
+    """checkpoint/* scalars describe a save; the checkpoint a run resumes from was saved (and
+    its health written) by the run before, so TensorBoard shows one point per save."""
+    url = str(tmp_path / "run")
+    state = {"w": np.zeros(2, np.float32)}
+
+    def train(last_step):
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=3, save_summaries_steps=None,
+                                         log_step_count_steps=None, state=state,
+                                         hooks=[rh.StopAtStepHook(last_step=last_step)]) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+
+    train(6)
+    train(9)
+    names = sorted(n for n in os.listdir(url) if "tfevents" in n)
+    from tensorflow.compat.v1.train import summary_iterator
+    steps = [e.step for name in names for e in summary_iterator(os.path.join(url, name))
+             for v in e.summary.value if v.tag == "checkpoint/failed_saves"]
+    assert sorted(steps) == [0, 3, 6, 9]
