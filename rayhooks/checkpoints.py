@@ -278,12 +278,16 @@ class CheckpointStore:
             if latest is None:
                 return []
             before = latest.step
-        doomed = []
-        for name in self.partials():
+
+        def stale(name):
             m = self._pattern.fullmatch(name)
-            if m and int(m.group(1)) < before or name.startswith(STATE_FILE + ".tmp-"):
-                doomed.append(name)  # a state file's temporary: the commit that wrote it is over
+            return bool(m) and int(m.group(1)) < before
+
+        doomed = [name for name in self.partials()
+                  # a state file's temporary: the commit that wrote it is over
+                  if stale(name) or name.startswith(STATE_FILE + ".tmp-")]
         self.storage.delete(doomed)
+        self.storage.abort_uploads(stale)  # S3 uploads left open when their own abort could not get through
         return doomed
 
     # -- verification and restore ---------------------------------------------

@@ -80,6 +80,13 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     try:
+        import botocore.exceptions as boto
+        # s3fs raises these as botocore made them: a refused or dropped connection, a read timeout.
+        if isinstance(exc, (boto.ConnectionError, boto.HTTPClientError)) and not isinstance(exc, boto.SSLError):
+            return True
+    except ImportError:  # s3fs is optional at run time for non-S3 users
+        pass
+    try:
         from gcsfs.retry import HttpError, is_retriable
         if isinstance(exc, HttpError) or is_retriable(exc):
             return is_retriable(exc)
@@ -174,6 +181,10 @@ class Storage:
                           % (self.url, e)) from e
 
     @property
+    def _is_s3(self) -> bool:
+        return bool({"s3", "s3a"} & set(_protocols(self.fs)))
+
+    @property
     def is_local(self) -> bool:
         return "file" in _protocols(self.fs)
 
@@ -223,6 +234,8 @@ class Storage:
     # -- operations -----------------------------------------------------------
 
     def makedirs(self) -> None:
+        if self._is_s3:
+            return  # S3 has no directories, and s3fs' makedirs creates a missing (misspelt) bucket
         self.call("makedirs", "", self.fs.makedirs, self._path(""), exist_ok=True)
 
     def write_with(self, name: str, producer: Callable, fresh: bool = False) -> object:
@@ -258,6 +271,7 @@ class Storage:
         f = self.fs.open(path, "wb", block_size=_UPLOAD_PART_BYTES)
         try:
             result = producer(f)
+            f.close()  # uploads the last part and completes the upload: it can fail as well
         except BaseException:
             # Closing would publish the partial object; cancelling the upload
             # leaves whatever was there before untouched.
@@ -266,7 +280,6 @@ class Storage:
             with contextlib.suppress(AttributeError):  # memory:// files are BytesIO: closed is read-only
                 f.closed = True  # a discard that failed must not become a publish from the file's __del__
             raise
-        f.close()
         return result
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -303,6 +316,26 @@ class Storage:
                 self.call("delete", name, self.fs.rm, self._path(name))
             except FileNotFoundError:
                 pass
+
+    def abort_uploads(self, doomed: Callable[[str], bool]) -> List[str]:
+        """S3: aborts the multipart uploads left open here whose name `doomed(name)` accepts.
+
+        A write that fails aborts its upload, but not when S3 could not be reached
+        then; AWS keeps (and bills) an open upload's parts until it is aborted.
+        Elsewhere a no-op: GCS expires an unfinished resumable upload by itself.
+        """
+        if not self._is_s3:
+            return []
+        bucket, _, key = self._path("").partition("/")
+        prefix = key + "/" if key else ""
+        listing = self.call("list", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        aborted = []
+        for upload in listing.get("Uploads", []):
+            name = upload["Key"][len(prefix):]
+            if "/" not in name and doomed(name):
+                self.call("abort", name, self.fs.abort_mpu, bucket, upload["Key"], upload["UploadId"])
+                aborted.append(name)
+        return aborted
 
     def get_to_local(self, name: str, local_path: str, on_bytes=None) -> None:
         """Downloads `name`; `on_bytes(n)` hears of the bytes as they arrive."""

@@ -30,6 +30,7 @@ class HoldingProxy:
         self._sockets = []
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._closed = False
+        self.refusing = False
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     def hold_after(self, nbytes: int) -> None:
@@ -43,6 +44,25 @@ class HoldingProxy:
         with self._lock:
             self._threshold = None
         self._release.set()
+
+    def cut(self, refuse: bool = True) -> None:
+        """Drops every open connection; with `refuse`, closes new ones at once until `accept_again()`.
+
+        The client sees what a dead network path gives it: connections reset and
+        closed before any response. The server behind keeps running, with its data.
+        """
+        self.refusing = refuse
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+        self.release()
+
+    def accept_again(self) -> None:
+        self.refusing = False
 
     def close(self) -> None:
         self._closed = True
@@ -59,13 +79,17 @@ class HoldingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.refusing:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
                 upstream.settimeout(None)
             except OSError:  # the server is down: the client sees its connection closed, as it would
                 client.close()
                 continue
-            self._sockets += [client, upstream]
+            with self._lock:
+                self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 

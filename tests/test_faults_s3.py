@@ -1,0 +1,163 @@
+"""Faults of s3:// caused for real against moto's S3 server: the server stopped and started
+again, connections cut mid-upload (tests/tcp_proxy.py), a bucket that does not exist or
+is deleted mid-run, a bucket policy that starts denying writes mid-upload.
+
+moto keeps its data in memory: a restarted server is empty, so a test that restarts it
+makes its bucket again and expects what was written before the restart to be gone.
+"""
+
+import json
+import os
+import threading
+import uuid
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+import rayhooks as rh
+from s3_server import S3Server
+from tcp_proxy import HoldingProxy
+
+pytest.importorskip("s3fs")
+
+# botocore retries a refused connection 4 times itself (about 9 s); one try each keeps these
+# tests short and leaves the retrying to rayhooks, which is what they check.
+ONE_TRY = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+@pytest.fixture
+def s3():
+    server = S3Server().start()
+    server.make_bucket("faults")
+    yield server
+    rh.SummaryWriterCache.clear()
+    server.stop()
+
+
+def _buckets(server):
+    return [b["Name"] for b in server.client().list_buckets()["Buckets"]]
+
+
+@pytest.mark.parametrize("region", [None, "us-east-1", "eu-west-1"])
+def test_a_misspelt_bucket_fails_at_begin_and_is_not_created(s3, region):
+    bucket = "no-such-bucket-%s" % uuid.uuid4().hex[:8]
+    url = "s3://%s/run" % bucket
+    options = dict(s3.options, client_kwargs={"region_name": region} if region else {})
+    with pytest.raises(FileNotFoundError) as error:
+        rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=1, state={"w": np.zeros(1)},
+                                    storage_options=options, log_step_count_steps=None)
+    assert url in str(error.value) and "bucket exists" in str(error.value)
+    assert bucket not in _buckets(s3)
+
+
+def test_a_write_while_the_server_is_down_is_retried_until_it_is_back(s3):
+    backoffs = []
+
+    def server_back(delay):  # rayhooks' backoff between attempts: the server comes back meanwhile
+        backoffs.append(delay)
+        s3.start()
+        s3.make_bucket("faults")
+
+    st = rh.Storage("s3://faults/down-%s" % uuid.uuid4().hex[:8], dict(s3.options, **ONE_TRY),
+                    retry=rh.RetryPolicy(max_attempts=3), sleep=server_back)
+    st.write_bytes("before", b"1")
+    s3.stop()  # connection refused, as when S3's endpoint is unreachable
+    st.write_bytes("after", b"2")
+    assert len(backoffs) == 1
+    assert st.read_bytes("after") == b"2"
+
+
+def test_retry_next_save_trains_on_when_storage_fails_after_a_commit(s3):
+    """The async hook dispatches step 2's after_save (and writes its marker) at the next
+    step: storage that fails in between must not end a run that asked to go on."""
+    url = "s3://faults/marker-%s" % uuid.uuid4().hex[:8]
+    options = dict(s3.options, **ONE_TRY)
+    state = {"w": np.zeros(1 << 16, np.float32)}
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=2, storage_options=options, in_flight="wait",
+                                       retry=rh.RetryPolicy(max_attempts=1), on_write_error="retry_next_save")
+    sess = rh.MonitoredTrainingSession(chief_only_hooks=[hook], state=state, save_checkpoint_secs=None,
+                                       save_summaries_steps=None, log_step_count_steps=None)
+
+    def step():
+        state["w"] += 1
+        return {}
+
+    sess.run(step)
+    sess.run(step)
+    assert hook._writer.wait_idle(60)  # step 2 committed; its after_save is due at the next step
+    s3.stop()
+    sess.run(step)  # step 3: step 2's after_save cannot write its marker
+    sess.run(step)  # step 4: its save fails in the background
+    assert hook._writer.wait_idle(60)
+    s3.start()
+    s3.make_bucket("faults")  # moto comes back empty
+    sess.run(step)
+    sess.run(step)  # step 6: reports step 4's failure, counts it, and commits
+    assert hook._writer.wait_idle(60)
+    assert hook.failed_saves == 1
+    store = rh.CheckpointStore(rh.Storage(url, options))
+    assert [i.step for i in store.committed()] == [6]
+    assert store.verify(store.latest()) == []
+    sess.close()
+
+
+def test_a_multipart_write_refused_at_its_last_part_aborts_its_upload(s3):
+    """The last part of a streamed upload goes up in close(): a failure there must abort
+    the upload as a failure in a write does (AWS bills an open upload's parts)."""
+    proxy = HoldingProxy(s3.port)
+    try:
+        st = rh.Storage("s3://faults/deny-%s" % uuid.uuid4().hex[:8], dict(s3.options, endpoint_url=proxy.endpoint),
+                        retry=rh.RetryPolicy(max_attempts=1))
+        st.write_bytes("warm", b"x")
+        deny = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+                                                        "Resource": "arn:aws:s3:::faults/*"}]}
+        proxy.hold_after(34 << 20)  # within the second part, which close() uploads
+
+        def deny_writes_then_release():
+            if proxy.held.wait(60):
+                s3.client().put_bucket_policy(Bucket="faults", Policy=json.dumps(deny))
+            proxy.release()
+
+        threading.Thread(target=deny_writes_then_release, daemon=True).start()
+
+        def producer(f):
+            f.write(b"\x01" * (33 << 20))  # part 1 goes up here
+            f.write(b"\x02" * (8 << 20))   # part 2 at close
+
+        with pytest.raises(PermissionError, match="deny-"):
+            st.write_with("model.ckpt-1.data-00000-of-00001", producer, fresh=True)
+        assert proxy.held.is_set()
+        assert st.listdir() == ["warm"]
+        assert s3.pending_uploads("faults") == []
+    finally:
+        proxy.close()
+
+
+def test_an_upload_whose_abort_could_not_reach_s3_is_aborted_by_a_later_commit(s3):
+    """A connection lost mid-upload also loses the abort: the next commit aborts what it left open."""
+    proxy = HoldingProxy(s3.port)
+    try:
+        url = "s3://faults/orphan-%s" % uuid.uuid4().hex[:8]
+        store = rh.CheckpointStore(rh.Storage(url, dict(s3.options, endpoint_url=proxy.endpoint, **ONE_TRY),
+                                              retry=rh.RetryPolicy(max_attempts=1)))
+        store.commit(1, store.write_data(1, {"w": np.ones(4, np.float32)}))
+        proxy.hold_after(8 << 20)
+
+        def cut_when_held():
+            if proxy.held.wait(60):
+                proxy.cut(refuse=True)  # the network path is gone: parts, retries and abort all fail
+
+        threading.Thread(target=cut_when_held, daemon=True).start()
+        with pytest.raises(OSError, match="model.ckpt-2"):
+            store.write_data(2, {"w%d" % i: np.full(3 << 20, 2, np.float32) for i in range(4)})  # 48 MB
+        assert proxy.held.is_set()
+        proxy.accept_again()
+        assert [u["Key"].rsplit("/", 1)[-1] for u in s3.pending_uploads("faults")] == \
+            ["model.ckpt-2.data-00000-of-00001"]
+        store.commit(3, store.write_data(3, {"w": np.full(4, 3, np.float32)}))
+        assert s3.pending_uploads("faults") == []
+        assert [i.step for i in store.committed()] == [1, 3]
+    finally:
+        proxy.close()
