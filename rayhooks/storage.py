@@ -36,6 +36,10 @@ logger = logging.getLogger("rayhooks")
 # PUT of the same bytes (benchmarks/bench_storage.py), for 32 MB of buffer per upload.
 _UPLOAD_PART_BYTES = 32 << 20
 
+# S3 error codes AWS documents as worth retrying whatever their HTTP status.
+_S3_RETRY_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                   "ThrottlingException", "OperationAborted"}
+
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
                      errno.ETIMEDOUT, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
 
@@ -84,6 +88,14 @@ def is_transient(exc: BaseException) -> bool:
         # s3fs raises these as botocore made them: a refused or dropped connection, a read timeout.
         if isinstance(exc, (boto.ConnectionError, boto.HTTPClientError)) and not isinstance(exc, boto.SSLError):
             return True
+        # S3's error responses s3fs turns into a bare OSError (EIO, EBUSY, EREMOTEIO), with
+        # the response as its cause: 5xx (InternalError, SlowDown), throttling, timeouts.
+        if isinstance(exc.__cause__, boto.ClientError):
+            response = exc.__cause__.response or {}
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int) and (status >= 500 or status in (408, 429)) or \
+                    response.get("Error", {}).get("Code") in _S3_RETRY_CODES:
+                return True
     except ImportError:  # s3fs is optional at run time for non-S3 users
         pass
     try:

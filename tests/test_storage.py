@@ -241,3 +241,31 @@ def test_get_to_local(storage_url, tmp_path):
     target = tmp_path / "copy.bin"
     st.get_to_local("blob", str(target))
     assert pathlib.Path(target).read_bytes() == b"\x00\x01\x02"
+
+
+def _s3_error(code, status):
+    """The exception s3fs raises for an S3 error response, made by s3fs' own translation.
+
+    moto's server cannot be made to answer 5xx or throttle, so these faults are not
+    caused for real: the response is built, and s3fs turns it into what rayhooks sees.
+    """
+    pytest.importorskip("s3fs")
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, "PutObject"))
+
+
+@pytest.mark.parametrize("code, status, transient", [
+    ("InternalError", 500, True),
+    ("SlowDown", 503, True),
+    ("ServiceUnavailable", 503, True),
+    ("RequestTimeout", 400, True),
+    ("OperationAborted", 409, True),
+    ("NoSuchBucket", 404, False),
+    ("AccessDenied", 403, False),
+    ("InvalidArgument", 400, False),
+    ("EntityTooSmall", 400, False),
+])
+def test_s3_error_responses_are_retried_when_s3_says_to(code, status, transient):
+    assert is_transient(_s3_error(code, status)) is transient
