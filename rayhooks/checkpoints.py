@@ -370,9 +370,15 @@ class CheckpointStore:
         if not verify:
             saver.restore(self.reader(info, worker, on_bytes))
             return []
-        found = []
-        checker = threading.Thread(target=lambda: found.extend(self.verify(info, on_bytes)),
-                                   name="rayhooks-verify", daemon=True)
+        found, failed = [], []
+
+        def check():
+            try:
+                found.extend(self.verify(info, on_bytes))
+            except BaseException as e:  # noqa: BLE001 -- raised in the restoring thread below
+                failed.append(e)
+
+        checker = threading.Thread(target=check, name="rayhooks-verify", daemon=True)
         checker.start()
         try:
             saver.restore(self.reader(info, worker, on_bytes))
@@ -382,6 +388,8 @@ class CheckpointStore:
                 return found
             raise
         checker.join()
+        if failed:  # a check that could not run has not passed
+            raise failed[0]
         return found
 
 

@@ -231,6 +231,21 @@ def test_restore_latest_falls_back_to_the_previous_checkpoint(storage_url, caplo
     assert "[step=2]" in warnings[0].getMessage()
 
 
+def test_a_checksum_check_that_cannot_run_is_not_taken_for_a_pass(storage_url):
+    """The check reads every file on its own thread while the restore runs. A read there that
+    fails for good (a store gone between the restore's reads and the check's) is caused by
+    replacing `verify`: no real fault fails the check's reads and not the restore's."""
+    store = _store(storage_url)
+    _save(store, 1)
+
+    def unreachable(info, on_bytes=None):
+        raise OSError("read %s/model.ckpt-1.index failed after 5 attempt(s): connection refused" % storage_url)
+
+    store.verify = unreachable
+    with pytest.raises(OSError, match="connection refused"):
+        store.restore_latest(rh.NumpySaver({"w": np.zeros((3, 4), np.float32), "count": np.array(0, np.int64)}))
+
+
 def test_a_run_resumed_below_a_damaged_checkpoint_commits_the_latest_and_keeps_its_in_flight_files(storage_url):
     """Steps 5 and 10 committed, 10 damaged: the run resumes from 5 and commits 8 while 9 is in flight."""
     clock = rh.ManualClock(T0)
