@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
 import os
 import re
 import sys
@@ -109,6 +110,14 @@ def _open_store(args):
     names = storage.listdir()
     pattern = re.compile(re.escape(args.basename) + r"-(\d+)\..*$")
     if STATE_FILE in names or any(pattern.fullmatch(n) for n in names):
+        try:
+            if not any(n.endswith(MANIFEST_SUFFIX) for n in names):  # malformed ones: verify reports them
+                store.refuse_foreign()
+        except FileExistsError:
+            state = store._read_state()
+            raise UsageError("%s holds TF checkpoints that rayhooks did not write (latest: %s, no manifests): "
+                             "rayhooks reads only its own; read these with tf.train.load_checkpoint(%r)"
+                             % (args.url, state.model_checkpoint_path, args.url)) from None
         return store
     hint = "pass the directory the checkpoints were saved to (checkpoint_dir)"
     others = sorted({n[:-len(MANIFEST_SUFFIX)].rsplit("-", 1)[0] for n in names
@@ -151,7 +160,7 @@ def _pick(store, args, infos):
         raise UsageError("%s has no committed checkpoints (no %s-*.manifest.json); run `rayhooks ls %s` "
                          "to see its partial files" % (args.url, args.basename, args.url))
     if args.step is None:
-        return infos[-1]
+        return _latest(store, infos)
     for info in infos:
         if info.step == args.step:
             return info
@@ -159,6 +168,17 @@ def _pick(store, args, infos):
     raise UsageError("%s has no committed checkpoint at step %d%s; committed steps: %s"
                      % (args.url, args.step, " (only partial, uncommitted files)" if partial else "",
                         ", ".join(str(i.step) for i in infos)))
+
+
+def _latest(store, infos):
+    """The latest checkpoint as TF's readers see it: the one the `checkpoint` state file names.
+
+    After a run resumed below a damaged checkpoint commits, that is a lower step than the
+    damaged one's (retention then counts the damaged one as the oldest); else the highest step.
+    """
+    state = store._read_state()
+    name = state.model_checkpoint_path.rstrip("/").rsplit("/", 1)[-1] if state is not None else None
+    return next((i for i in infos if i.prefix == name), infos[-1]) if infos else None
 
 
 # -- ls ----------------------------------------------------------------------
@@ -170,7 +190,8 @@ def cmd_ls(args) -> int:
     partial_steps: Dict[Optional[int], List[str]] = {}
     for name in store.partials():
         partial_steps.setdefault(_step_of(store, name), []).append(name)
-    latest = infos[-1].step if infos else None
+    newest = _latest(store, infos)
+    latest = newest.step if newest else None
 
     rows = []  # (sort key, cells)
     for info in infos:
@@ -200,7 +221,7 @@ def cmd_ls(args) -> int:
     n_partial = sum(len(v) for v in partial_steps.values())
     summary = "%s: %d committed checkpoint(s)" % (store.url, len(infos))
     if infos:
-        summary += ", latest step %d (%s)" % (latest, infos[-1].url)
+        summary += ", latest step %d (%s)" % (latest, newest.url)
     if n_partial:
         summary += "; %d partial file(s) (`rayhooks gc` removes the stale ones)" % n_partial
     print(summary)
@@ -246,16 +267,33 @@ def cmd_verify(args) -> int:
 # -- gc ----------------------------------------------------------------------
 
 
+def _modified(storage, name: str) -> Optional[float]:
+    """When `name` was last written, by the store's own clock; None when the store cannot say."""
+    try:
+        return storage.call("stat", name, storage.fs.modified, storage._path(name)).timestamp()
+    except (NotImplementedError, FileNotFoundError):
+        return None
+
+
 def cmd_gc(args) -> int:
-    from rayhooks.checkpoints import STATE_FILE
+    from rayhooks.checkpoints import MANIFEST_SUFFIX, STATE_FILE
     store = _open_store(args)
-    latest = store.latest()
+    infos = store.committed()
+    latest = infos[-1] if infos else None
+    # A partial written after the newest commit may belong to a save in flight, whatever its
+    # step: a run resumed below a damaged checkpoint saves steps under that checkpoint's.
+    commit_times = [_modified(store.storage, i.prefix + MANIFEST_SUFFIX) for i in infos]
+    newest_commit = max((t for t in commit_times if t is not None), default=None)
     doomed, kept = [], []
     for name in store.partials():
         step = _step_of(store, name)
         state_temporary = name.startswith(STATE_FILE + ".tmp-")  # a state file write cut short
         if latest is not None and (state_temporary or step is not None and step < latest.step):
-            doomed.append(name)
+            written = _modified(store.storage, name)
+            if newest_commit is not None and written is not None and written < newest_commit:
+                doomed.append(name)
+            else:
+                kept.append((name, "written since the newest commit"))
         else:
             why = ("no committed checkpoint yet" if latest is None else
                    "unknown step" if step is None else "newer than the latest commit")
@@ -314,6 +352,7 @@ def cmd_restore(args) -> int:
     src_root = store.storage.local_root
     if src_root is not None and os.path.isdir(dest) and os.path.samefile(src_root, dest):
         raise UsageError("--to %s is the checkpoint directory itself; pass another directory" % args.to)
+    _refuse_foreign_destination(args.to, dest)
     os.makedirs(dest, exist_ok=True)
 
     names = [_safe_name(store.url, n) for n in sorted(info.files)]
@@ -369,6 +408,21 @@ def cmd_restore(args) -> int:
     print("restored step %d (%d files, %s, checksums OK) from %s to %s"
           % (info.step, len(names), human_size(info.nbytes), info.url, os.path.join(dest, info.prefix)))
     return 0
+
+
+def _refuse_foreign_destination(to: str, dest: str) -> None:
+    """UsageError if `dest` holds TF checkpoints rayhooks did not write: restore would replace
+    their `checkpoint` state file, and `rayhooks gc` would then take them for stale partials."""
+    from rayhooks.checkpoints import CheckpointStore
+    from rayhooks.storage import Storage
+    if not os.path.isdir(dest):
+        return
+    try:
+        CheckpointStore(Storage(dest)).refuse_foreign()
+    except FileExistsError:
+        raise UsageError("--to %s holds TF checkpoints that rayhooks did not write (named by its `checkpoint` "
+                         "state file), which restoring would replace; pass a new or empty directory"
+                         % to) from None
 
 
 def _write_local(path: str, data: bytes) -> None:
@@ -573,6 +627,13 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
+    # Warnings of the storage libraries (gcsfs logs each exhausted retry with its traceback)
+    # as one line each; the error itself is reported once, below.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
         return args.func(args)
     except UsageError as e:
@@ -582,6 +643,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("%s: interrupted" % PROG, file=sys.stderr)
         return 130
+    finally:
+        root.removeHandler(handler)
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record):
+        return "%s: warning: %s" % (PROG, " ".join(record.getMessage().split()))
 
 
 def _describe(args, exc: BaseException) -> str:

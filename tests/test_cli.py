@@ -32,8 +32,18 @@ def _make_run(url):
         store.commit(step, store.write_data(step, _tensors(step)))
         clock.advance(60)
     store.write_data(15, _tensors(15))  # written after the commits, so no commit collected it
+    _age(url, _partial_names(15))  # ... but dated before the newest one: a crashed save's leftovers
     store.write_data(40, _tensors(40))
     return store
+
+
+def _age(url, names):
+    """Dates local files an hour before the newest manifest (for gc, they predate the last commit)."""
+    if not os.path.isdir(url):
+        return  # memory://: no mtimes to set
+    newest = max(os.path.getmtime(os.path.join(url, n)) for n in os.listdir(url) if n.endswith(".manifest.json"))
+    for name in names:
+        os.utime(os.path.join(url, name), (newest - 3600, newest - 3600))
 
 
 def _partial_names(step):
@@ -220,11 +230,47 @@ def test_gc_deletes_the_temporary_of_a_state_file_write_cut_short(run_dir, capsy
     temporary = os.path.join(run_dir, "checkpoint.tmp-0123456789ab")
     with open(temporary, "wb") as f:
         f.write(b"model_checkpoint_path: \"mod")
+    _age(run_dir, [os.path.basename(temporary)])
     code, out, _ = _run(capsys, "gc", run_dir)
     assert code == 0 and "would delete  %s" % temporary in out.splitlines()
     code, out, _ = _run(capsys, "gc", run_dir, "--yes", "--quiet")
     assert code == 0 and not os.path.exists(temporary)
     assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-30")
+
+
+def test_gc_keeps_a_save_in_flight_below_a_damaged_checkpoint(run_dir, capsys, monkeypatch):
+    # Step 30 is damaged: the next run resumes at 20 and saves step 25, under the damaged one.
+    data = os.path.join(run_dir, "model.ckpt-30.data-00000-of-00001")
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    with open(data, "wb") as f:
+        f.write(raw)
+    real_commit = rh.CheckpointStore.commit
+    gc_runs = []
+
+    def commit_after_a_gc(self, step, files, extra=None):  # the user runs gc while step 25 is in flight
+        gc_runs.append(_run(capsys, "gc", run_dir, "--yes", "-q"))
+        return real_commit(self, step, files, extra)
+
+    monkeypatch.setattr(rh.CheckpointStore, "commit", commit_after_a_gc)
+    state = {k: np.zeros_like(v) for k, v in _tensors(0).items()}
+
+    def step():
+        state["count"] += 1
+        return {}
+
+    with rh.MonitoredTrainingSession(checkpoint_dir=run_dir, state=state, save_checkpoint_steps=10,
+                                     hooks=[rh.StopAtStepHook(last_step=25)]) as sess:
+        assert sess.global_step == 20
+        while not sess.should_stop():
+            sess.run(step)
+    monkeypatch.undo()
+    assert [code for code, _, _ in gc_runs] == [0]
+    out = gc_runs[0][1]
+    assert "model.ckpt-25" not in "".join(line for line in out.splitlines() if line.startswith("delete"))
+    assert "delete        %s/model.ckpt-15.index" % run_dir in out.splitlines()  # stale ones still go
+    code, out, _ = _run(capsys, "verify", run_dir, "--step", "25")
+    assert code == 0 and out.startswith("OK   step 25")
 
 
 def test_gc_shows_progress_on_stderr_only(run_dir, capsys, monkeypatch):
@@ -287,6 +333,59 @@ def test_restore_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys):
     assert code == 1
     assert out.startswith("BAD  step 30") and "model.ckpt-30.index: expected" in out
     assert os.listdir(dest) == []  # neither files nor a state file naming them
+
+
+def _tf1_saver_dir(tf_dir, steps):
+    """A directory of checkpoints written by TF1's own `Saver`, at `steps`."""
+    import tensorflow as tf
+    with tf.Graph().as_default():
+        step = tf.compat.v1.train.get_or_create_global_step()
+        tf.compat.v1.get_variable("v", [5])
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            for s in steps:
+                sess.run(tf.compat.v1.assign(step, s))
+                saver.save(sess, os.path.join(tf_dir, "model.ckpt"), global_step=step)
+    return tf_dir
+
+
+def test_restore_refuses_a_directory_of_tf_checkpoints(tmp_path, capsys):
+    import tensorflow as tf
+    tf_dir = _tf1_saver_dir(str(tmp_path / "tf1"), [1, 2])
+    before = {n: open(os.path.join(tf_dir, n), "rb").read() for n in os.listdir(tf_dir)}
+    run = str(tmp_path / "run")
+    _make_run(run)  # steps 10..30: once restored there, gc would take TF's steps 1, 2 for stale partials
+
+    code, out, err = _run(capsys, "restore", run, "--to", tf_dir)
+    _assert_usage_error(code, out, err, tf_dir, "did not write", "new or empty directory")
+    assert {n: open(os.path.join(tf_dir, n), "rb").read() for n in os.listdir(tf_dir)} == before
+    assert tf.train.latest_checkpoint(tf_dir) == os.path.join(tf_dir, "model.ckpt-2")
+    _run(capsys, "gc", tf_dir, "--yes", "-q")
+    assert sorted(os.listdir(tf_dir)) == sorted(before)
+
+
+def test_latest_is_what_a_run_resumed_below_a_damaged_checkpoint_committed(run_dir, tmp_path, capsys):
+    import tensorflow as tf
+    data = os.path.join(run_dir, "model.ckpt-30.data-00000-of-00001")
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    with open(data, "wb") as f:
+        f.write(raw)
+    state = {k: np.zeros_like(v) for k, v in _tensors(0).items()}
+    with rh.MonitoredTrainingSession(checkpoint_dir=run_dir, state=state, save_checkpoint_steps=10,
+                                     hooks=[rh.StopAtStepHook(last_step=25)]) as sess:
+        assert sess.global_step == 20  # 30 is damaged
+        while not sess.should_stop():
+            sess.run(lambda: {})
+    assert tf.train.latest_checkpoint(run_dir) == os.path.join(run_dir, "model.ckpt-25")
+    code, out, _ = _run(capsys, "ls", run_dir)
+    assert code == 0 and _row(out, 25)[4] == "latest" and _row(out, 30)[4] == ""
+    assert "latest step 25" in out
+    dest = str(tmp_path / "restored")
+    code, out, _ = _run(capsys, "restore", run_dir, "--to", dest, "-q")
+    assert code == 0 and "restored step 25" in out
+    assert tf.train.load_checkpoint(dest).get_tensor("count") == 20  # the lambda step trains nothing
 
 
 # -- summaries -----------------------------------------------------------------
@@ -397,6 +496,18 @@ def test_bad_urls_exit_2_with_one_line(command, tmp_path, capsys):
         _assert_usage_error(code, out, err, str(empty), "not a checkpoint directory")
 
 
+@pytest.mark.parametrize("command", ["ls", "verify", "gc", "restore"])
+def test_tf_written_directories_are_named_not_listed_as_partials(command, tmp_path, capsys):
+    import tensorflow as tf
+    tf_dir = _tf1_saver_dir(str(tmp_path / "tf1"), [100])
+    ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+    tf.train.CheckpointManager(ckpt, str(tmp_path / "tf2"), max_to_keep=1).save()
+    extra = ["--to", str(tmp_path / "out")] if command == "restore" else []
+    for url, latest in ((tf_dir, "model.ckpt-100"), (str(tmp_path / "tf2"), "ckpt-1")):
+        code, out, err = _run(capsys, command, url, *extra)
+        _assert_usage_error(code, out, err, url, "did not write", latest, "tf.train.load_checkpoint")
+
+
 def test_other_basename_is_suggested(tmp_path, capsys):
     url = str(tmp_path / "run")
     store = rh.CheckpointStore(rh.Storage(url), basename="ckpt")
@@ -453,6 +564,34 @@ def test_console_script(run_dir):
     done = subprocess.run([exe, "ls", run_dir], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert _row(done.stdout, 30)[4] == "latest"
+
+
+def test_a_storage_librarys_logged_traceback_is_one_line(tmp_path):
+    """gcsfs logs each request that ran out of retries with its traceback. Caused for real (a
+    host that does not resolve) it takes about 3 minutes of retries, so `exists` here raises
+    and logs as gcsfs does."""
+    import sys
+    script = tmp_path / "offline.py"
+    script.write_text(
+        "import logging, sys\n"
+        "from rayhooks import cli, storage\n"
+        "def exists(self, name=''):  # as gcsfs does when storage.googleapis.com cannot be resolved\n"
+        "    try:\n"
+        "        raise ConnectionError('Cannot connect to host storage.googleapis.com:443')\n"
+        "    except ConnectionError as e:\n"
+        "        logging.getLogger('gcsfs').exception('_request out of retries on exception: %s', e)\n"
+        "        raise\n"
+        "storage.Storage.exists = exists\n"
+        "sys.exit(cli.main(['ls', sys.argv[1]]))\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("rayhooks: ")]
+    assert lines == ["rayhooks: warning: _request out of retries on exception: Cannot connect to host "
+                     "storage.googleapis.com:443",
+                     "rayhooks: error: %s: Cannot connect to host storage.googleapis.com:443" % tmp_path]
 
 
 def test_python_dash_m_rayhooks_is_the_same_command(run_dir):
