@@ -298,21 +298,41 @@ def cmd_gc(args) -> int:
             why = ("no committed checkpoint yet" if latest is None else
                    "unknown step" if step is None else "newer than the latest commit")
             kept.append((name, why))
+    # S3 multipart uploads left open (their abort could not reach S3): the same rule, by when begun.
+    uploads, uploads_kept = [], []
+    for name, upload_id, begun in store.storage.open_uploads():
+        step = _step_of(store, name)
+        if latest is not None and step is not None and step < latest.step and \
+                newest_commit is not None and begun < newest_commit:
+            uploads.append((name, upload_id))
+        else:
+            uploads_kept.append(name)
+    url_of = store.storage.url_of
     for name in doomed:
-        print("%-12s  %s" % ("delete" if args.yes else "would delete", store.storage.url_of(name)))
+        print("%-12s  %s" % ("delete" if args.yes else "would delete", url_of(name)))
+    for name, _ in uploads:
+        print("%-12s  %s  (an unfinished upload)" % ("abort" if args.yes else "would abort", url_of(name)))
     for name, why in kept:
-        print("%-12s  %s  (possibly in flight, kept: %s)" % ("keep", store.storage.url_of(name), why))
-    if not doomed:
-        print("nothing to delete in %s (%d partial file(s) kept)" % (store.url, len(kept)))
+        print("%-12s  %s  (possibly in flight, kept: %s)" % ("keep", url_of(name), why))
+    for name in uploads_kept:
+        print("%-12s  %s  (an unfinished upload, possibly in flight)" % ("keep", url_of(name)))
+    uploads_note = " and %d unfinished upload(s)" % len(uploads) if uploads else ""
+    if not doomed and not uploads:
+        print("nothing to delete in %s (%d partial file(s)%s kept)"
+              % (store.url, len(kept), " and %d unfinished upload(s)" % len(uploads_kept) if uploads_kept else ""))
         return 0
     if not args.yes:
-        print("dry run: %d partial file(s) would be deleted; rerun with --yes to delete them" % len(doomed))
+        print("dry run: %d partial file(s)%s would be deleted; rerun with --yes to delete them"
+              % (len(doomed), uploads_note))
         return 0
-    with _progress(args, total=len(doomed), desc="deleting", unit="file") as bar:
+    with _progress(args, total=len(doomed) + len(uploads), desc="deleting", unit="file") as bar:
         for name in doomed:
             store.storage.delete([name])
             bar.update(1)
-    print("deleted %d partial file(s) from %s" % (len(doomed), store.url))
+        for name, upload_id in uploads:
+            store.storage.abort_upload(name, upload_id)
+            bar.update(1)
+    print("deleted %d partial file(s)%s from %s" % (len(doomed), uploads_note, store.url))
     return 0
 
 
@@ -599,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", parents=[common, ckpt], help="delete stale partial checkpoint files",
                        description="Delete the uncommitted (partial) files of steps older than the newest "
-                                   "commit. Partial files of newer steps may belong to a save in flight and "
-                                   "are kept. A dry run unless --yes.")
+                                   "commit, written before it; on S3, abort such steps' unfinished multipart "
+                                   "uploads too. Other partial files may belong to a save in flight and are "
+                                   "kept. A dry run unless --yes.")
     p.add_argument("--yes", action="store_true", help="really delete (default: only list)")
     p.set_defaults(func=cmd_gc)
 

@@ -329,23 +329,32 @@ class Storage:
             except FileNotFoundError:
                 pass
 
-    def abort_uploads(self, doomed: Callable[[str], bool]) -> List[str]:
-        """S3: aborts the multipart uploads left open here whose name `doomed(name)` accepts.
+    def open_uploads(self) -> List[tuple]:
+        """S3: the multipart uploads begun directly under this directory and neither completed
+        nor aborted, as (name, upload id, when begun in seconds since the epoch). Elsewhere [].
 
         A write that fails aborts its upload, but not when S3 could not be reached
         then; AWS keeps (and bills) an open upload's parts until it is aborted.
-        Elsewhere a no-op: GCS expires an unfinished resumable upload by itself.
+        GCS expires an unfinished resumable upload by itself.
         """
         if not self._is_s3:
             return []
         bucket, _, key = self._path("").partition("/")
         prefix = key + "/" if key else ""
         listing = self.call("list", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        return [(u["Key"][len(prefix):], u["UploadId"], u["Initiated"].timestamp())
+                for u in listing.get("Uploads", []) if "/" not in u["Key"][len(prefix):]]
+
+    def abort_upload(self, name: str, upload_id: str) -> None:
+        bucket, _, key = self._path(name).partition("/")
+        self.call("abort", name, self.fs.abort_mpu, bucket, key, upload_id)
+
+    def abort_uploads(self, doomed: Callable[[str], bool]) -> List[str]:
+        """Aborts the open uploads (see `open_uploads`) whose name `doomed(name)` accepts."""
         aborted = []
-        for upload in listing.get("Uploads", []):
-            name = upload["Key"][len(prefix):]
-            if "/" not in name and doomed(name):
-                self.call("abort", name, self.fs.abort_mpu, bucket, upload["Key"], upload["UploadId"])
+        for name, upload_id, _ in self.open_uploads():
+            if doomed(name):
+                self.abort_upload(name, upload_id)
                 aborted.append(name)
         return aborted
 
