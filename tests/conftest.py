@@ -62,6 +62,27 @@ def _close_cached_summary_writers():
         pass
 
 
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS server (gcp-storage-emulator) for the session, with the bucket `rayhooks-test`."""
+    from gcs_emulator import GcsEmulator
+    emulator = GcsEmulator().start()
+    emulator.make_bucket("rayhooks-test")
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 server (moto) for the session, with the bucket `rayhooks-test`."""
+    pytest.importorskip("s3fs")
+    from s3_server import S3Server
+    server = S3Server().start()
+    server.make_bucket("rayhooks-test")
+    yield server
+    server.stop()
+
+
 RAY_TRAIN_POLL_ENV, RAY_TRAIN_POLL_SECS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 

@@ -15,25 +15,6 @@ import pytest
 
 import rayhooks as rh
 from rayhooks.formats import events
-from gcs_emulator import GcsEmulator
-from s3_server import S3Server
-
-
-@pytest.fixture(scope="session")
-def gcs():
-    emulator = GcsEmulator().start()
-    emulator.make_bucket("rayhooks-test")
-    yield emulator
-    emulator.stop()
-
-
-@pytest.fixture(scope="session")
-def s3():
-    pytest.importorskip("s3fs")
-    server = S3Server().start()
-    server.make_bucket("rayhooks-test")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["file", "memory", "gs", "s3"])
