@@ -16,6 +16,7 @@ moved on, the snapshot here is consistent: it holds the state after step S.
 """
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -41,6 +42,9 @@ _signal_hooks = {}
 
 
 def _dispatch_signal(signum, frame):
+    # A dropped session's hook sits in reference cycles (bound methods it handed out): only
+    # the cycle collector frees it, and a long-lived one waits for a rare full collection.
+    gc.collect()
     previous, hooks = _signal_hooks.get(signum, (None, ()))
     listening = list(hooks)
     for hook in listening:

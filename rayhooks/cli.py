@@ -171,14 +171,13 @@ def _pick(store, args, infos):
 
 
 def _latest(store, infos):
-    """The latest checkpoint as TF's readers see it: the one the `checkpoint` state file names.
+    """The checkpoint committed last, by its manifest's timestamp, as retention orders them.
 
     After a run resumed below a damaged checkpoint commits, that is a lower step than the
-    damaged one's (retention then counts the damaged one as the oldest); else the highest step.
+    damaged one's. Not the `checkpoint` state file's: a commit whose state file write failed
+    leaves it naming an older checkpoint, while rayhooks resumes from the new one.
     """
-    state = store._read_state()
-    name = state.model_checkpoint_path.rstrip("/").rsplit("/", 1)[-1] if state is not None else None
-    return next((i for i in infos if i.prefix == name), infos[-1]) if infos else None
+    return max(infos, key=lambda i: (i.timestamp, i.step)) if infos else None
 
 
 # -- ls ----------------------------------------------------------------------
@@ -433,10 +432,10 @@ def cmd_restore(args) -> int:
 def _refuse_foreign_destination(to: str, dest: str) -> None:
     """UsageError if `dest` holds TF checkpoints rayhooks did not write: restore would replace
     their `checkpoint` state file, and `rayhooks gc` would then take them for stale partials."""
-    from rayhooks.checkpoints import CheckpointStore
+    from rayhooks.checkpoints import MANIFEST_SUFFIX, CheckpointStore
     from rayhooks.storage import Storage
-    if not os.path.isdir(dest):
-        return
+    if not os.path.isdir(dest) or any(n.endswith(MANIFEST_SUFFIX) for n in os.listdir(dest)):
+        return  # new, or written by rayhooks (an earlier restore, whatever its basename)
     try:
         CheckpointStore(Storage(dest)).refuse_foreign()
     except FileExistsError:

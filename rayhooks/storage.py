@@ -341,7 +341,13 @@ class Storage:
             return []
         bucket, _, key = self._path("").partition("/")
         prefix = key + "/" if key else ""
-        listing = self.call("list", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        try:
+            listing = self.call("list", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        except PermissionError as e:
+            # s3:ListBucketMultipartUploads is a permission of its own, which least-privilege
+            # policies (Get/Put/DeleteObject, ListBucket) leave out: nothing to abort then.
+            logger.info("%s: unfinished multipart uploads cannot be listed (%s); none aborted", self.url, e)
+            return []
         return [(u["Key"][len(prefix):], u["UploadId"], u["Initiated"].timestamp())
                 for u in listing.get("Uploads", []) if "/" not in u["Key"][len(prefix):]]
 

@@ -178,3 +178,31 @@ def test_a_session_dropped_without_close_hands_sigterm_back_to_the_process(tmp_p
         assert signal.getsignal(signal.SIGTERM) is theirs
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_a_dropped_session_hands_sigterm_back_before_any_cycle_collection(tmp_path, monkeypatch):
+    """As above, with no gc.collect() by the script: a hook is freed only by the cycle
+    collector, whose full pass a long-running process makes rarely."""
+    import gc
+    import weakref
+    from rayhooks import checkpoint_hooks
+    monkeypatch.setattr(checkpoint_hooks, "_signal_hooks", {})
+    heard = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    was_enabled = gc.isenabled()
+    gc.disable()  # stands for the rarity of a full collection, deterministically
+    try:
+        state = {"w": np.zeros(2, np.float32)}
+        hook = rh.CheckpointSaverHook(str(tmp_path), save_steps=100)
+        sess = rh.MonitoredTrainingSession(state=state, chief_only_hooks=[hook], save_checkpoint_secs=None,
+                                           save_summaries_steps=None, log_step_count_steps=None)
+        sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+        gone = weakref.ref(hook)
+        del sess, hook
+        signal.raise_signal(signal.SIGTERM)
+        assert heard == [signal.SIGTERM]
+        assert gone() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+        signal.signal(signal.SIGTERM, original)

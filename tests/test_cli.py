@@ -604,3 +604,14 @@ def test_python_dash_m_rayhooks_is_the_same_command(run_dir):
     done = subprocess.run([sys.executable, "-m", "rayhooks", "ls", run_dir + "/nothing-here"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2  # the exit code reaches the shell
+
+
+def test_restore_twice_into_the_same_directory_with_another_basename(tmp_path, capsys):
+    run, out = str(tmp_path / "run"), str(tmp_path / "serving")
+    store = rh.CheckpointStore(rh.Storage(run), basename="ckpt")
+    store.commit(10, store.write_data(10, {"w": np.ones(4, np.float32)}))
+    assert _run(capsys, "restore", run, "--basename", "ckpt", "--to", out, "-q")[0] == 0
+    store.commit(20, store.write_data(20, {"w": np.full(4, 2, np.float32)}))
+    code, stdout, err = _run(capsys, "restore", run, "--basename", "ckpt", "--to", out, "-q")
+    assert code == 0, err
+    assert stdout.startswith("restored step 20 ")

@@ -199,3 +199,110 @@ def test_gc_aborts_a_stale_unfinished_upload_and_keeps_one_possibly_in_flight(s3
     assert [u["Key"].rsplit("/", 1)[-1] for u in s3.pending_uploads("faults")] == \
         ["model.ckpt-9.data-00000-of-00001"]
     assert [i.step for i in store.committed()] == [1, 3]
+
+
+class _DenyingProxy:
+    """Forwards every request to moto unchanged, except ListMultipartUploads (GET ?uploads),
+    answered with the 403 AccessDenied AWS gives a principal whose policy grants only
+    Get/Put/DeleteObject and ListBucket (s3:ListBucketMultipartUploads is separate)."""
+
+    DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+              b'<Message>Access Denied</Message></Error>')
+
+    def __init__(self, upstream_port):
+        import http.client
+        import http.server
+        import urllib.parse
+        denied = self.DENIED
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
+                if self.command == "GET" and "uploads" in query:
+                    status, headers, data = 403, [("Content-Type", "application/xml")], denied
+                else:
+                    conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                    conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    response = conn.getresponse()
+                    status, data = response.status, response.read()
+                    headers = [(k, v) for k, v in response.getheaders()
+                               if k.lower() not in ("transfer-encoding", "content-length", "connection")]
+                    conn.close()
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_principal_that_may_not_list_uploads_commits_quietly_and_can_gc(s3, caplog, capsys):
+    from rayhooks import cli
+    proxy = _DenyingProxy(s3.port)
+    try:
+        url = "s3://faults/nolist-%s" % uuid.uuid4().hex[:8]
+        options = dict(s3.options, endpoint_url=proxy.endpoint)
+        store = rh.CheckpointStore(rh.Storage(url, options))
+        store.commit(1, store.write_data(1, {"w": np.ones(4, np.float32)}))
+        store.storage.write_bytes("model.ckpt-1.data-00000-of-00002", b"partial")  # another save's, cut short
+        store.storage.write_bytes("model.ckpt-0.data-00000-of-00001", b"partial")
+        with caplog.at_level("WARNING", logger="rayhooks"):
+            store.commit(2, store.write_data(2, {"w": np.ones(4, np.float32)}))
+        assert [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
+        assert "model.ckpt-0.data-00000-of-00001" not in store.storage.listdir()
+        capsys.readouterr()
+        code = cli.main(["gc", url, "--storage-option", "key=%s" % options["key"], "--storage-option",
+                         "secret=%s" % options["secret"], "--storage-option", "endpoint_url=%s" % proxy.endpoint])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "nothing to delete in %s" % url in out
+    finally:
+        proxy.close()
+
+
+def test_ls_and_restore_name_the_checkpoint_rayhooks_resumes_from_after_a_refused_state_file(s3, tmp_path, capsys):
+    """The state file write of step 30's commit is refused (a bucket policy): step 30 is
+    committed, and rayhooks resumes from it; the state file still names step 20."""
+    from rayhooks import cli
+    url = "s3://faults/state-%s" % uuid.uuid4().hex[:8]
+    store = rh.CheckpointStore(rh.Storage(url, s3.options))
+    for step in (10, 20):
+        store.commit(step, store.write_data(step, {"w": np.full(4, step, np.float32)}))
+    deny = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+                                                    "Resource": "arn:aws:s3:::%s/checkpoint" % url[5:]}]}
+    s3.client().put_bucket_policy(Bucket="faults", Policy=json.dumps(deny))
+    try:
+        store.commit(30, store.write_data(30, {"w": np.full(4, 30, np.float32)}))
+    finally:
+        s3.client().delete_bucket_policy(Bucket="faults")
+    assert b"model.ckpt-20" in store.storage.read_bytes("checkpoint")  # the refusal happened
+
+    class Saver:
+        def restore(self, reader):
+            self.step = reader.step
+
+    assert store.restore_latest(Saver()).step == 30
+    options = ["--storage-option", "key=%s" % s3.options["key"], "--storage-option",
+               "secret=%s" % s3.options["secret"], "--storage-option", "endpoint_url=%s" % s3.endpoint]
+    capsys.readouterr()
+    assert cli.main(["ls", url] + options) == 0
+    assert "latest step 30 " in capsys.readouterr().out
+    assert cli.main(["restore", url, "--to", str(tmp_path / "out"), "-q"] + options) == 0
+    assert capsys.readouterr().out.startswith("restored step 30 ")
