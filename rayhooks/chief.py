@@ -383,10 +383,23 @@ class Chief:
             self._announced.pop(step * 2, None)
             self.planner.done(Action(step, CHECKPOINT))
             return
-        info = ck.store.commit(step, files, extra={
-            "num_workers": self.num_workers, "writers": sorted(shards),
-            # what a restarted chief needs to follow the workers' step rules
-            "rules": {kind: [rule.step, rule.every] for kind, rule in self._rules.items()}})
+        try:
+            info = ck.store.commit(step, files, extra={
+                "num_workers": self.num_workers, "writers": sorted(shards),
+                # what a restarted chief needs to follow the workers' step rules
+                "rules": {kind: [rule.step, rule.every] for kind, rule in self._rules.items()}})
+        except OSError as e:
+            if ck.on_write_error != "retry_next_save":
+                raise
+            # As a failed write of a shard: counted, and the next save retries (its files are
+            # partials now, collected by the next commit).
+            self.failed_saves += 1
+            self._announced.pop(step * 2, None)
+            self._shard_health.pop(step, None)
+            self.planner.done(Action(step, CHECKPOINT))
+            logger.error("[step=%d] its shards were written, but committing it failed (%s); training goes on "
+                         "and the next save retries (on_write_error='retry_next_save')", step, e)
+            return
         self.committed.append(step)
         self._last_checkpoint_step = step
         self.session.latest_checkpoint = info.url
@@ -430,7 +443,14 @@ class Chief:
         if ck.store.listeners_started(step):
             logger.warning("[step=%d] after_save already ran (before a chief restart); not again", step)
             return
-        ck.store.mark_listeners_started(step)
+        try:
+            ck.store.mark_listeners_started(step)
+        except OSError as e:
+            if ck.on_write_error != "retry_next_save":
+                raise
+            # The checkpoint is committed; only the marker a restarted chief reads is missing.
+            logger.error("[step=%d] committed, but its after_save marker could not be written (%s); training "
+                         "goes on (on_write_error='retry_next_save')", step, e)
         stop = False
         for listener in ck.listeners:
             if listener.after_save(self.session, step):

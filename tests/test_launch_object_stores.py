@@ -85,3 +85,29 @@ def test_ray_workers_save_shards_to_a_bucket_and_a_second_launch_resumes_from_it
                     event = event_pb2.Event.FromString(record)
                     loss_steps |= {event.step for v in event.summary.value if v.tag == "loss"}
     assert loss_steps == {1, 4, 7, 10}
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+@pytest.mark.parametrize("hook_class", [rh.CheckpointSaverHook, rh.AsyncCheckpointSaverHook])
+def test_retry_next_save_trains_past_a_commit_the_bucket_refuses(bucket, hook_class):
+    """The chief writes each manifest. A bucket policy that refuses step 4's makes that
+    commit fail for real, after every shard was written: as with a shard that cannot be
+    written, the run goes on, counts it, and the next save commits."""
+    import json
+    url = "s3://rayhooks-test/refused-%s" % uuid.uuid4().hex[:8]
+    deny = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+        "Resource": "arn:aws:s3:::%s/model.ckpt-4.manifest.json" % url[len("s3://"):]}]}
+    bucket.client().put_bucket_policy(Bucket="rayhooks-test", Policy=json.dumps(deny))
+    try:
+        extra = {"in_flight": "wait"} if hook_class is rh.AsyncCheckpointSaverHook else {}
+        result = rh.launch(train, 2, backend="ray", chief_only_hooks=[hook_class(
+            url, save_steps=2, storage_options=bucket.options, on_write_error="retry_next_save",
+            retry=rh.RetryPolicy(max_attempts=1), **extra)], hooks=[rh.StopAtStepHook(last_step=8)])
+    finally:
+        bucket.client().delete_bucket_policy(Bucket="rayhooks-test")
+    assert result.failed_saves == 1
+    assert result.checkpoints == [0, 2, 6, 8]
+    store = rh.CheckpointStore(rh.Storage(url, bucket.options))
+    assert [i.step for i in store.committed()] == [0, 2, 6, 8]
+    assert store.verify(store.latest()) == []
