@@ -341,15 +341,22 @@ class Storage:
             return []
         bucket, _, key = self._path("").partition("/")
         prefix = key + "/" if key else ""
-        try:
-            listing = self.call("list", "", self.fs.call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
-        except PermissionError as e:
-            # s3:ListBucketMultipartUploads is a permission of its own, which least-privilege
-            # policies (Get/Put/DeleteObject, ListBucket) leave out: nothing to abort then.
-            logger.info("%s: unfinished multipart uploads cannot be listed (%s); none aborted", self.url, e)
-            return []
+        uploads, page = [], {}
+        while True:  # S3 lists 1000 uploads a page
+            try:
+                listing = self.call("list", "", self.fs.call_s3, "list_multipart_uploads",
+                                    Bucket=bucket, Prefix=prefix, **page)
+            except PermissionError as e:
+                # s3:ListBucketMultipartUploads is a permission of its own, which least-privilege
+                # policies (Get/Put/DeleteObject, ListBucket) leave out: nothing to abort then.
+                logger.info("%s: unfinished multipart uploads cannot be listed (%s); none aborted", self.url, e)
+                return []
+            uploads += listing.get("Uploads", [])
+            if not listing.get("IsTruncated"):
+                break
+            page = {"KeyMarker": listing["NextKeyMarker"], "UploadIdMarker": listing["NextUploadIdMarker"]}
         return [(u["Key"][len(prefix):], u["UploadId"], u["Initiated"].timestamp())
-                for u in listing.get("Uploads", []) if "/" not in u["Key"][len(prefix):]]
+                for u in uploads if "/" not in u["Key"][len(prefix):]]
 
     def abort_upload(self, name: str, upload_id: str) -> None:
         bucket, _, key = self._path(name).partition("/")
