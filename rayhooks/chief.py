@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Dict, List, Optional
 
-from rayhooks.checkpoints import MANIFEST_SUFFIX, CheckpointStore
+from rayhooks.checkpoints import MANIFEST_SUFFIX
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, resolve_fetches
 from rayhooks.plan import CHECKPOINT, SUMMARY, Action, Planner, Schedule

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import threading
-import traceback
 from typing import Dict, List, Optional
 
 from rayhooks.basic_hooks import StopAtStepHook

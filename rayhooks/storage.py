@@ -215,7 +215,7 @@ class Storage:
         return self._path("") if self.is_local else None
 
     def _path(self, name: str) -> str:
-        fs = self.fs
+        self.fs  # noqa: B018 -- sets _root, from the URL, on first use
         return self._root if not name else "%s/%s" % (self._root, name)
 
     def url_of(self, name: str = "") -> str:

@@ -100,7 +100,7 @@ def test_restoring_from_gcs_counts_every_byte_read(gcs, monkeypatch, kind):
         target, read_back = rh.TrackableSaver(tf.train.Checkpoint(w=variable)), variable.numpy
     store = rh.CheckpointStore(rh.Storage(url, storage_options=gcs.options))
     snapshot = saver.snapshot()
-    info = store.commit(4, store.write_data(4, snapshot.tensors))
+    store.commit(4, store.write_data(4, snapshot.tensors))
     snapshot.done()
     screen = Screen()
     assert store.restore_latest(target, progress_file=screen).step == 4
