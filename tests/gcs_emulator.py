@@ -1,4 +1,6 @@
-"""A real GCS server for the tests: the `gcp-storage-emulator` package on a free loopback port."""
+"""A real GCS server for the tests: the `gcp-storage-emulator` package on a free loopback port.
+
+Also the start and stop of a storage server subprocess, which the S3 server shares."""
 
 import contextlib
 import os
@@ -15,6 +17,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(argv, ready_url, what, timeout):
+    """Starts a storage server subprocess; returns it once `ready_url` answers."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:  # polls readiness of a server in another process; not a synchronisation sleep
+        try:
+            urllib.request.urlopen(ready_url, timeout=1).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_server(proc)
+                raise RuntimeError("%s did not start (%s)" % (what, ready_url))
+            time.sleep(0.05)
+
+
+def stop_server(proc):
+    if proc is None:
+        return
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if proc.poll() is None:
+        proc.kill()
+
+
 class GcsEmulator:
     """Starts `gcp-storage-emulator start --in-memory` and points gcsfs at it."""
 
@@ -25,34 +52,20 @@ class GcsEmulator:
         self.proc = None
 
     def start(self, timeout=30.0):
-        self.proc = subprocess.Popen(
+        self.proc = start_server(
             [sys.executable, "-m", "gcp_storage_emulator"]
             + ([] if self.data_dir is None else ["-d", self.data_dir])
             + ["start", "--host", "127.0.0.1", "--port", str(self.port)]
             + (["--in-memory"] if self.data_dir is None else []),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:  # polls readiness of a server in another process; not a synchronisation sleep
-            try:
-                urllib.request.urlopen(self.endpoint + "/storage/v1/b", timeout=1).read()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gcp-storage-emulator did not start on %s" % self.endpoint)
-                time.sleep(0.05)
+            self.endpoint + "/storage/v1/b", "gcp-storage-emulator", timeout)
         os.environ["STORAGE_EMULATOR_HOST"] = self.endpoint
         # Without this gcsfs spends 60 s on a gRPC probe the emulator does not serve.
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
         return self
 
     def stop(self):
-        if self.proc is not None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc = None
+        stop_server(self.proc)
+        self.proc = None
 
     @property
     def options(self):

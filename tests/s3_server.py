@@ -4,13 +4,9 @@ moto serves the S3 REST API over HTTP, multipart uploads included, so s3fs
 talks to it exactly as it talks to AWS: same requests, same error codes.
 """
 
-import contextlib
-import subprocess
 import sys
-import time
-import urllib.request
 
-from gcs_emulator import free_port
+from gcs_emulator import free_port, start_server, stop_server
 
 # moto accepts any credentials; they are passed as storage options, never through the
 # environment, so tests that remove the AWS variables are not affected.
@@ -26,29 +22,13 @@ class S3Server:
         self.proc = None
 
     def start(self, timeout=60.0):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:  # polls readiness of a server in another process; not a synchronisation sleep
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("moto's S3 server did not start on %s" % self.endpoint)
-                time.sleep(0.05)
+        self.proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                 self.endpoint + "/moto-api/", "moto's S3 server", timeout)
         return self
 
     def stop(self):
-        if self.proc is not None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc = None
+        stop_server(self.proc)
+        self.proc = None
 
     @property
     def options(self):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import rayhooks as rh
+from rayhooks.checkpoint_hooks import _dispatch_signal
 
 
 class Recorder(rh.CheckpointSaverListener):
@@ -149,60 +150,59 @@ def test_a_handler_set_over_ours_since_is_put_back_after_the_run(tmp_path, monke
         signal.signal(signal.SIGTERM, original)
 
 
-def test_a_session_dropped_without_close_hands_sigterm_back_to_the_process(tmp_path, monkeypatch):
-    """A script that never closes its session (no `with`, no `close()`) and lets it go: the
-    next SIGTERM reaches the handler the process had before, which is in place again after."""
-    import gc
+def _drop_an_unclosed_session(tmp_path):
+    """Runs a step in a session that is never closed, drops it; a weak reference to its hook."""
     import weakref
+    state = {"w": np.zeros(2, np.float32)}
+    hook = rh.CheckpointSaverHook(str(tmp_path), save_steps=100)
+    sess = rh.MonitoredTrainingSession(state=state, chief_only_hooks=[hook], save_checkpoint_secs=None,
+                                       save_summaries_steps=None, log_step_count_steps=None)
+    sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+    assert signal.getsignal(signal.SIGTERM) is _dispatch_signal  # the hooks' handler is listening
+    return weakref.ref(hook)
+
+
+@pytest.fixture
+def their_handler(monkeypatch):
+    """The process's own SIGTERM handler, recording what it hears; none of this suite's other hooks."""
     from rayhooks import checkpoint_hooks
-    monkeypatch.setattr(checkpoint_hooks, "_signal_hooks", {})  # none of this suite's other hooks
+    monkeypatch.setattr(checkpoint_hooks, "_signal_hooks", {})
     heard = []
 
     def theirs(signum, frame):
         heard.append(signum)
 
     original = signal.signal(signal.SIGTERM, theirs)
-    try:
-        state = {"w": np.zeros(2, np.float32)}
-        hook = rh.CheckpointSaverHook(str(tmp_path), save_steps=100)
-        sess = rh.MonitoredTrainingSession(state=state, chief_only_hooks=[hook], save_checkpoint_secs=None,
-                                           save_summaries_steps=None, log_step_count_steps=None)
-        sess.run(lambda: state.__setitem__("w", state["w"] + 1))
-        assert signal.getsignal(signal.SIGTERM) is not theirs  # the hooks' handler is listening
-        gone = weakref.ref(hook)
-        del sess, hook
-        gc.collect()
-        assert gone() is None, "something still holds the hook of a dropped session"
-        signal.raise_signal(signal.SIGTERM)
-        assert heard == [signal.SIGTERM]
-        assert signal.getsignal(signal.SIGTERM) is theirs
-    finally:
-        signal.signal(signal.SIGTERM, original)
+    yield theirs, heard
+    signal.signal(signal.SIGTERM, original)
 
 
-def test_a_dropped_session_hands_sigterm_back_before_any_cycle_collection(tmp_path, monkeypatch):
+def test_a_session_dropped_without_close_hands_sigterm_back_to_the_process(tmp_path, their_handler):
+    """A script that never closes its session (no `with`, no `close()`) and lets it go: the
+    next SIGTERM reaches the handler the process had before, which is in place again after."""
+    import gc
+    theirs, heard = their_handler
+    gone = _drop_an_unclosed_session(tmp_path)
+    gc.collect()
+    assert gone() is None, "something still holds the hook of a dropped session"
+    signal.raise_signal(signal.SIGTERM)
+    assert heard == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is theirs
+
+
+def test_a_dropped_session_hands_sigterm_back_before_any_cycle_collection(tmp_path, their_handler):
     """As above, with no gc.collect() by the script: a hook is freed only by the cycle
     collector, whose full pass a long-running process makes rarely."""
     import gc
-    import weakref
-    from rayhooks import checkpoint_hooks
-    monkeypatch.setattr(checkpoint_hooks, "_signal_hooks", {})
-    heard = []
-    original = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    theirs, heard = their_handler
     was_enabled = gc.isenabled()
     gc.disable()  # stands for the rarity of a full collection, deterministically
     try:
-        state = {"w": np.zeros(2, np.float32)}
-        hook = rh.CheckpointSaverHook(str(tmp_path), save_steps=100)
-        sess = rh.MonitoredTrainingSession(state=state, chief_only_hooks=[hook], save_checkpoint_secs=None,
-                                           save_summaries_steps=None, log_step_count_steps=None)
-        sess.run(lambda: state.__setitem__("w", state["w"] + 1))
-        gone = weakref.ref(hook)
-        del sess, hook
+        gone = _drop_an_unclosed_session(tmp_path)
         signal.raise_signal(signal.SIGTERM)
         assert heard == [signal.SIGTERM]
         assert gone() is None
+        assert signal.getsignal(signal.SIGTERM) is theirs
     finally:
         if was_enabled:
             gc.enable()
-        signal.signal(signal.SIGTERM, original)

@@ -46,6 +46,16 @@ def _age(url, names):
         os.utime(os.path.join(url, name), (newest - 3600, newest - 3600))
 
 
+def _damage(run_dir, step):
+    """Flips one bit in the middle of `step`'s data file; returns its path."""
+    data = os.path.join(run_dir, "model.ckpt-%d.data-00000-of-00001" % step)
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    with open(data, "wb") as f:
+        f.write(raw)
+    return data
+
+
 def _partial_names(step):
     return ["model.ckpt-%d.data-00000-of-00001" % step, "model.ckpt-%d.index" % step]
 
@@ -136,11 +146,7 @@ def test_verify_ok_then_detects_a_flipped_byte(run_dir, capsys):
     assert [line.split()[:3] for line in out.splitlines()[:3]] == [
         ["OK", "step", "10"], ["OK", "step", "20"], ["OK", "step", "30"]]
 
-    data = os.path.join(run_dir, "model.ckpt-20.data-00000-of-00001")
-    raw = bytearray(open(data, "rb").read())
-    raw[len(raw) // 2] ^= 0x01
-    with open(data, "wb") as f:
-        f.write(raw)
+    _damage(run_dir, 20)
 
     code, out, _ = _run(capsys, "verify", run_dir)
     assert code == 1
@@ -240,11 +246,7 @@ def test_gc_deletes_the_temporary_of_a_state_file_write_cut_short(run_dir, capsy
 
 def test_gc_keeps_a_save_in_flight_below_a_damaged_checkpoint(run_dir, capsys, monkeypatch):
     # Step 30 is damaged: the next run resumes at 20 and saves step 25, under the damaged one.
-    data = os.path.join(run_dir, "model.ckpt-30.data-00000-of-00001")
-    raw = bytearray(open(data, "rb").read())
-    raw[len(raw) // 2] ^= 0x01
-    with open(data, "wb") as f:
-        f.write(raw)
+    _damage(run_dir, 30)
     real_commit = rh.CheckpointStore.commit
     gc_runs = []
 
@@ -367,11 +369,7 @@ def test_restore_refuses_a_directory_of_tf_checkpoints(tmp_path, capsys):
 
 def test_latest_is_what_a_run_resumed_below_a_damaged_checkpoint_committed(run_dir, tmp_path, capsys):
     import tensorflow as tf
-    data = os.path.join(run_dir, "model.ckpt-30.data-00000-of-00001")
-    raw = bytearray(open(data, "rb").read())
-    raw[len(raw) // 2] ^= 0x01
-    with open(data, "wb") as f:
-        f.write(raw)
+    _damage(run_dir, 30)
     state = {k: np.zeros_like(v) for k, v in _tensors(0).items()}
     with rh.MonitoredTrainingSession(checkpoint_dir=run_dir, state=state, save_checkpoint_steps=10,
                                      hooks=[rh.StopAtStepHook(last_step=25)]) as sess:
