@@ -13,7 +13,6 @@ import pytest
 import rayhooks as rh
 from rayhooks import progress
 from rayhooks.writer import BackgroundWriter
-from gcs_emulator import GcsEmulator
 
 MB = 1 << 20
 
@@ -30,14 +29,6 @@ class Screen(io.StringIO):
         if text:
             self.drawn.set()
         return n
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    emulator = GcsEmulator().start()
-    emulator.make_bucket("progress")
-    yield emulator
-    emulator.stop()
 
 
 def _upload_in_flight(writer, go):
@@ -88,7 +79,7 @@ def test_a_short_wait_draws_nothing(monkeypatch):
 def test_restoring_from_gcs_counts_every_byte_read(gcs, monkeypatch, kind):
     monkeypatch.setenv("RAYHOOKS_PROGRESS", "1")
     monkeypatch.setattr(progress, "DELAY_SECS", 0)  # draw at once: the restore is quick at this size
-    url = "gs://progress/run-%s" % uuid.uuid4().hex[:8]
+    url = "gs://rayhooks-test/progress-run-%s" % uuid.uuid4().hex[:8]
     values = np.arange(MB, dtype=np.float32)
     if kind == "numpy":
         saver, restored = rh.NumpySaver({"w": values.copy()}), {"w": np.zeros(MB, np.float32)}
