@@ -42,14 +42,25 @@ def stop_server(proc):
         proc.kill()
 
 
-class GcsEmulator:
-    """Starts `gcp-storage-emulator start --in-memory` and points gcsfs at it."""
+class LoopbackServer:
+    """A storage server subprocess on a loopback port: its endpoint, and `stop`."""
 
-    def __init__(self, port=None, data_dir=None):
-        self.data_dir = data_dir  # None: in memory; a directory: data survives a restart
+    def __init__(self, port=None):
         self.port = port or free_port()
         self.endpoint = "http://127.0.0.1:%d" % self.port
         self.proc = None
+
+    def stop(self):
+        stop_server(self.proc)
+        self.proc = None
+
+
+class GcsEmulator(LoopbackServer):
+    """Starts `gcp-storage-emulator start --in-memory` and points gcsfs at it."""
+
+    def __init__(self, port=None, data_dir=None):
+        super().__init__(port)
+        self.data_dir = data_dir  # None: in memory; a directory: data survives a restart
 
     def start(self, timeout=30.0):
         self.proc = start_server(
@@ -62,10 +73,6 @@ class GcsEmulator:
         # Without this gcsfs spends 60 s on a gRPC probe the emulator does not serve.
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
         return self
-
-    def stop(self):
-        stop_server(self.proc)
-        self.proc = None
 
     @property
     def options(self):

@@ -6,29 +6,20 @@ talks to it exactly as it talks to AWS: same requests, same error codes.
 
 import sys
 
-from gcs_emulator import free_port, start_server, stop_server
+from gcs_emulator import LoopbackServer, start_server
 
 # moto accepts any credentials; they are passed as storage options, never through the
 # environment, so tests that remove the AWS variables are not affected.
 KEY, SECRET = "rayhooks-test-key", "rayhooks-test-secret"
 
 
-class S3Server:
+class S3Server(LoopbackServer):
     """Starts `python -m moto.server` and gives the s3fs options that point at it."""
-
-    def __init__(self, port=None):
-        self.port = port or free_port()
-        self.endpoint = "http://127.0.0.1:%d" % self.port
-        self.proc = None
 
     def start(self, timeout=60.0):
         self.proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                  self.endpoint + "/moto-api/", "moto's S3 server", timeout)
         return self
-
-    def stop(self):
-        stop_server(self.proc)
-        self.proc = None
 
     @property
     def options(self):
