@@ -2,9 +2,13 @@
 
 Records queue in memory and reach storage every `flush_secs` (TF's default,
 120 s), at `flush()` and at `close()`. On a local disk the events file is
-appended to; an object store cannot append, so there the whole file is
-uploaded again at each flush, as TF's own GCS filesystem does. A flush error
-is kept and raised at the next `add_*`, `flush` or `close` (DESIGN I6).
+appended to. An object store cannot append, so there each flush uploads the
+whole file again, as TF's own GCS filesystem does; unlike TF, the writer
+starts a new events file once the current one reaches `max_file_bytes`
+(8 MB there by default), so a long run's flushes stay small instead of
+growing with the run. TensorBoard reads a run's events files in name order,
+and every new name sorts after the last. A flush error is kept and raised at
+the next `add_*`, `flush` or `close` (DESIGN I6).
 """
 
 import atexit
@@ -22,12 +26,26 @@ from rayhooks.storage import Storage
 logger = logging.getLogger("rayhooks")
 
 
-class SummaryWriter:
-    """Writes one events file in the directory at `url`. Constructing one does no I/O."""
+OBJECT_STORE_MAX_FILE_BYTES = 8 << 20
 
-    def __init__(self, url, storage_options=None, flush_secs=120, clock=time.time):
+
+class SummaryWriter:
+    """Writes events files in the directory at `url`. Constructing one does no I/O.
+
+    `max_file_bytes`: start a new events file once a flush has left the
+    current one at least this large. None (the default) means 8 MB on an
+    object store, where every flush uploads the whole file, and no limit on
+    a local disk, where flushes append; 0 means no limit.
+    """
+
+    def __init__(self, url, storage_options=None, flush_secs=120, clock=time.time, max_file_bytes=None):
         self.storage = url if isinstance(url, Storage) else Storage(url, storage_options)
         self.flush_secs = flush_secs
+        if max_file_bytes is None:
+            max_file_bytes = 0 if self.storage.is_local else OBJECT_STORE_MAX_FILE_BYTES
+        if max_file_bytes < 0:
+            raise ValueError("max_file_bytes must be 0 (no limit) or more, got %r" % (max_file_bytes,))
+        self.max_file_bytes = max_file_bytes
         self._clock = clock
         self._lock = threading.Lock()
         # One flush at a time: two overlapping uploads of the whole file to an object
@@ -37,6 +55,7 @@ class SummaryWriter:
         self._pending = []
         self._spool = None
         self._filename = None
+        self._last_filename = None
         self._error = None
         self._thread = None
         self._closed = threading.Event()
@@ -59,12 +78,22 @@ class SummaryWriter:
                 self._closed.clear()
                 self._filename = None
             if self._filename is None:
-                self._filename = events.event_filename(now=self._clock())
-                self._pending.append(events.frame_record(events.file_version_event(self._clock())))
+                self._open_file_locked()
             self._pending.append(events.frame_record(record))
         if self._thread is None and self.flush_secs:
             self._thread = threading.Thread(target=self._flush_loop, name="rayhooks-summary-flush", daemon=True)
             self._thread.start()
+
+    def _open_file_locked(self) -> None:
+        """Names a new events file and puts its file_version record first (caller holds `_lock`)."""
+        now = self._clock()
+        if self._last_filename is not None:
+            # TensorBoard reads a directory's files in name order and never goes back to an
+            # earlier one; the seconds in the name decide that order (the counter after the
+            # pid does not sort as a number), so two files begun in one second would misorder.
+            now = max(now, events.filename_time(self._last_filename) + 1)
+        self._filename = self._last_filename = events.event_filename(now=now)
+        self._pending.insert(0, events.frame_record(events.file_version_event(self._clock())))
 
     def add_summary(self, summary, global_step=None):
         """Adds a `Summary` proto, TF1 serialized `Summary` bytes, or a {tag: value} mapping."""
@@ -136,10 +165,11 @@ class SummaryWriter:
                         except OSError:
                             pass
                         raise
+                    size = f.tell()
             else:
                 if self._spool is None:
                     self._spool = tempfile.TemporaryFile(prefix="rayhooks-events-")
-                self._spool.seek(0, os.SEEK_END)
+                size = self._spool.seek(0, os.SEEK_END) + len(data)
                 self._spool.write(data)
                 self._spool.seek(0)
                 spool = self._spool
@@ -150,6 +180,20 @@ class SummaryWriter:
             if self._spool is not None:
                 self._spool.truncate(self._spool.seek(0, os.SEEK_END) - len(data))
             raise
+        if self.max_file_bytes and size >= self.max_file_bytes:
+            self._start_next_file(name)
+
+    def _start_next_file(self, full: str) -> None:
+        """Later records go to a new file, named to sort after `full`, which is never written again."""
+        with self._lock:
+            if self._filename != full:  # closed and reopened on a new file meanwhile
+                return
+            self._filename = None
+            if self._pending:  # added since this flush took its batch: they open the new file
+                self._open_file_locked()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     def _raise_if_failed(self):
         with self._lock:

@@ -1,8 +1,10 @@
-"""The tfevents writer under faults (a slow upload, a full disk, reuse after close) and
-`rayhooks summaries` after a restart, each read back with TensorBoard's own reader."""
+"""The tfevents writer under faults (a slow upload, a full disk, reuse after close), its
+events files rolled over on object stores, and `rayhooks summaries` after a restart, each
+read back with TensorBoard's own reader."""
 
 import io
 import os
+import uuid
 import resource
 import signal
 import threading
@@ -15,12 +17,12 @@ from tensorboard.compat.proto import event_pb2
 
 import rayhooks as rh
 from rayhooks import cli
-from rayhooks.formats.events import read_records
+from rayhooks.formats.events import filename_time, read_records
 
 
-def _events(url):
+def _events(url, options=None):
     """[[file_version or step, ...] per events file], files in name order."""
-    storage = rh.Storage(url)
+    storage = rh.Storage(url, options)
     out = []
     for name in sorted(n for n in storage.listdir() if "tfevents" in n):
         records = read_records(io.BytesIO(storage.read_bytes(name)))
@@ -132,3 +134,69 @@ def test_summaries_drop_what_a_restart_orphaned_as_tensorboard_does(tmp_path, ca
     assert cli.main(["summaries", str(tmp_path)]) == 0
     rows = {line.split()[1]: line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows == {"eval/acc": ["51", "0.5"], "loss": ["111", "-111"]}
+
+
+@pytest.fixture(params=["memory", "gcs"])
+def object_store(request, memory_url):
+    """(url, storage_options) of an empty directory on an object store: memory:// or the GCS server."""
+    if request.param == "memory":
+        return memory_url, None
+    gcs = request.getfixturevalue("gcs")
+    return "gs://rayhooks-test/events-%s" % uuid.uuid4().hex[:8], gcs.options
+
+
+def test_on_an_object_store_the_events_file_rolls_over_at_max_file_bytes(object_store):
+    url, options = object_store
+    assert rh.SummaryWriter(url, options).max_file_bytes == 8 << 20
+    writer = rh.SummaryWriter(url, options, flush_secs=0, max_file_bytes=1000)
+    for step in range(1, 81):
+        writer.add_scalar("loss", float(step), step)
+        writer.flush()  # each flush uploads the whole current file again
+    writer.close()
+
+    files = _events(url, options)
+    assert len(files) > 2
+    assert all(f[0] == "v" for f in files)  # every file opens with its file_version record
+    assert [step for f in files for step in f[1:]] == list(range(1, 81))
+    storage = rh.Storage(url, options)
+    sizes = [len(storage.read_bytes(n)) for n in sorted(n for n in storage.listdir() if "tfevents" in n)]
+    # Each flush adds one scalar record (under 100 bytes), so a full file overshoots by less.
+    assert all(1000 <= size < 1100 for size in sizes[:-1]), sizes
+    assert sizes[-1] < 1100, sizes
+
+
+def test_a_local_writer_appends_to_one_file_unless_given_max_file_bytes(tmp_path):
+    assert rh.SummaryWriter(str(tmp_path)).max_file_bytes == 0
+    with pytest.raises(ValueError, match="max_file_bytes"):
+        rh.SummaryWriter(str(tmp_path), max_file_bytes=-1)
+    # A clock stuck in one second: each new file's name must still sort after the last,
+    # since TensorBoard reads a directory's files in name order and never goes back.
+    writer = rh.SummaryWriter(str(tmp_path), flush_secs=0, clock=lambda: 1_700_000_000.0, max_file_bytes=500)
+    for step in range(1, 41):
+        writer.add_scalar("loss", float(step), step)
+        writer.flush()
+    writer.close()
+
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) > 2
+    times = [filename_time(n) for n in names]
+    assert times == sorted(set(times)), names
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 41))
+
+
+def test_records_added_while_a_flush_rolls_over_open_the_next_file(memory_url):
+    writer = rh.SummaryWriter(memory_url, flush_secs=0, max_file_bytes=1)
+    writer.add_scalar("loss", 1.0, 1)
+    real = writer.storage.write_with
+
+    def add_during_the_upload(name, fn, **kwargs):
+        writer.add_scalar("loss", 2.0, 2)  # the training thread, while the flusher uploads
+        writer.storage.write_with = real
+        return real(name, fn, **kwargs)
+
+    writer.storage.write_with = add_during_the_upload
+    writer.flush()
+    writer.close()
+    assert _events(memory_url) == [["v", 1], ["v", 2]]

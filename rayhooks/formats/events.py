@@ -37,6 +37,7 @@ from tensorboard.compat.proto import event_pb2, graph_pb2, summary_pb2
 __all__ = [
     "FILE_VERSION",
     "event_filename",
+    "filename_time",
     "frame_record",
     "masked_crc32c",
     "file_version_event",
@@ -85,6 +86,11 @@ def event_filename(
     with _filename_lock:
         counter = next(_filename_counter)
     return f"events.out.tfevents.{int(now)}.{hostname}.{int(pid)}.{counter}{suffix}"
+
+
+def filename_time(name: str) -> int:
+    """The creation second that `event_filename` put in `name`."""
+    return int(os.path.basename(name).split(".")[3])
 
 
 def masked_crc32c(data: bytes) -> int:
