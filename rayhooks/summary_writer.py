@@ -54,6 +54,7 @@ class SummaryWriter:
         self._flush_lock = threading.Lock()
         self._pending = []
         self._spool = None
+        self._spool_name = None  # the file whose uploaded bytes `_spool` holds
         self._filename = None
         self._last_filename = None
         self._error = None
@@ -81,7 +82,11 @@ class SummaryWriter:
                 self._open_file_locked()
             self._pending.append(events.frame_record(record))
         if self._thread is None and self.flush_secs:
-            self._thread = threading.Thread(target=self._flush_loop, name="rayhooks-summary-flush", daemon=True)
+            # Its own stop signal: an add during close() reopens the writer (clears `_closed`),
+            # which must not keep the thread that close() is joining alive.
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._flush_loop, args=(self._stop,),
+                                            name="rayhooks-summary-flush", daemon=True)
             self._thread.start()
 
     def _open_file_locked(self) -> None:
@@ -127,8 +132,8 @@ class SummaryWriter:
     def add_graph(self, graph_def_bytes, global_step=0):
         self._add(events.graph_event(graph_def_bytes, int(global_step), self._clock()))
 
-    def _flush_loop(self):
-        while not self._closed.wait(self.flush_secs):
+    def _flush_loop(self, stop):
+        while not stop.wait(self.flush_secs):
             try:
                 self._flush_pending()
             except Exception as e:  # kept for the training thread: a flusher thread cannot raise to it
@@ -167,8 +172,13 @@ class SummaryWriter:
                         raise
                     size = f.tell()
             else:
+                if self._spool is not None and self._spool_name != name:
+                    # Another file's bytes (closed and reopened, or rolled over): never upload them under `name`.
+                    self._spool.close()
+                    self._spool = None
                 if self._spool is None:
                     self._spool = tempfile.TemporaryFile(prefix="rayhooks-events-")
+                    self._spool_name = name
                 size = self._spool.seek(0, os.SEEK_END) + len(data)
                 self._spool.write(data)
                 self._spool.seek(0)
@@ -208,12 +218,14 @@ class SummaryWriter:
     def close(self):
         self._closed.set()
         if self._thread is not None:
+            self._stop.set()
             self._thread.join()
             self._thread = None
         self.flush()
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
+        with self._flush_lock:  # a flush from another thread (the atexit one) may be using it
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
 
 
 def _copy(src, dst, chunk=8 << 20):

@@ -350,7 +350,7 @@ def test_event_filename_format_and_uniqueness():
     names = {events.event_filename("host", 42, 1234.9) for _ in range(5)}
     assert len(names) == 5
     for name in names:
-        assert re.fullmatch(r"events\.out\.tfevents\.1234\.host\.42\.\d+", name)
+        assert re.fullmatch(r"events\.out\.tfevents\.0000001234\.host\.42\.\d+", name)
         assert event_accumulator.io_wrapper.IsSummaryEventsFile(name)
     assert events.event_filename("h", 1, 1.0, suffix=".v2").endswith(".v2")
     default = events.event_filename()

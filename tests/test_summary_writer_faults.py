@@ -166,22 +166,29 @@ def test_on_an_object_store_the_events_file_rolls_over_at_max_file_bytes(object_
 
 
 def test_a_local_writer_appends_to_one_file_unless_given_max_file_bytes(tmp_path):
-    assert rh.SummaryWriter(str(tmp_path)).max_file_bytes == 0
+    appending = rh.SummaryWriter(str(tmp_path / "default"), flush_secs=0)
+    assert appending.max_file_bytes == 0
+    for step in range(1, 41):
+        appending.add_scalar("loss", float(step), step)
+        appending.flush()
+    appending.close()
+    assert len(os.listdir(tmp_path / "default")) == 1
+    rolled = tmp_path / "rolled"
     with pytest.raises(ValueError, match="max_file_bytes"):
-        rh.SummaryWriter(str(tmp_path), max_file_bytes=-1)
+        rh.SummaryWriter(str(rolled), max_file_bytes=-1)
     # A clock stuck in one second: each new file's name must still sort after the last,
     # since TensorBoard reads a directory's files in name order and never goes back.
-    writer = rh.SummaryWriter(str(tmp_path), flush_secs=0, clock=lambda: 1_700_000_000.0, max_file_bytes=500)
+    writer = rh.SummaryWriter(str(rolled), flush_secs=0, clock=lambda: 1_700_000_000.0, max_file_bytes=500)
     for step in range(1, 41):
         writer.add_scalar("loss", float(step), step)
         writer.flush()
     writer.close()
 
-    names = sorted(os.listdir(tmp_path))
+    names = sorted(os.listdir(rolled))
     assert len(names) > 2
     times = [filename_time(n) for n in names]
     assert times == sorted(set(times)), names
-    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(rolled), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 41))
 
@@ -200,3 +207,58 @@ def test_records_added_while_a_flush_rolls_over_open_the_next_file(memory_url):
     writer.flush()
     writer.close()
     assert _events(memory_url) == [["v", 1], ["v", 2]]
+
+
+def test_reuse_after_a_failed_close_does_not_copy_the_old_file_into_the_new(memory_url):
+    writer = rh.SummaryWriter(memory_url, flush_secs=0)
+    writer.add_scalar("loss", 1.0, 1)
+    writer.flush()
+    writer.add_scalar("loss", 2.0, 2)
+    real = writer.storage.write_with
+
+    def fail_once(*args, **kwargs):  # an injected fault: memory:// itself never fails an upload
+        writer.storage.write_with = real
+        raise OSError("upload failed")
+
+    writer.storage.write_with = fail_once
+    with pytest.raises(OSError):
+        writer.close()
+    writer.add_scalar("loss", 3.0, 3)  # reopens on a new file; step 2 is retried there
+    writer.close()
+    assert _events(memory_url) == [["v", 1], ["v", 2, 3]]
+
+
+def test_rolled_names_sort_in_order_with_a_clock_below_ten_digits(tmp_path):
+    writer = rh.SummaryWriter(str(tmp_path), flush_secs=0, clock=rh.ManualClock(), max_file_bytes=1)
+    for step in range(1, 13):
+        writer.add_scalar("loss", float(step), step)
+        writer.flush()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
+
+
+def test_an_add_during_close_does_not_keep_the_flush_thread_alive(memory_url):
+    writer = rh.SummaryWriter(memory_url, flush_secs=0.01)
+    uploading, release = threading.Event(), threading.Event()
+    real = writer.storage.write_with
+
+    def slow_upload(*args, **kwargs):  # holds the background flusher inside an upload
+        writer.storage.write_with = real
+        uploading.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    writer.storage.write_with = slow_upload
+    writer.add_scalar("loss", 1.0, 1)
+    assert uploading.wait(30)
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    assert writer._closed.wait(30)  # close() has begun: it waits for the flusher
+    writer.add_scalar("loss", 2.0, 2)  # another thread writes meanwhile, which reopens the writer
+    release.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    writer.close()
+    assert [step for f in _events(memory_url) for step in f if step != "v"] == [1, 2]

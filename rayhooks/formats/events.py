@@ -85,7 +85,8 @@ def event_filename(
             raise ValueError(f"event_filename: {label} {part!r} contains a path separator")
     with _filename_lock:
         counter = next(_filename_counter)
-    return f"events.out.tfevents.{int(now)}.{hostname}.{int(pid)}.{counter}{suffix}"
+    # Zero-padded, so that names sort by time as strings (TensorBoard's order) for any clock.
+    return f"events.out.tfevents.{int(now):010d}.{hostname}.{int(pid)}.{counter}{suffix}"
 
 
 def filename_time(name: str) -> int:
