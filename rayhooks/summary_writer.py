@@ -172,10 +172,9 @@ class SummaryWriter:
                         raise
                     size = f.tell()
             else:
-                if self._spool is not None and self._spool_name != name:
+                if self._spool_name != name:
                     # Another file's bytes (closed and reopened, or rolled over): never upload them under `name`.
-                    self._spool.close()
-                    self._spool = None
+                    self._drop_spool()
                 if self._spool is None:
                     self._spool = tempfile.TemporaryFile(prefix="rayhooks-events-")
                     self._spool_name = name
@@ -201,9 +200,13 @@ class SummaryWriter:
             self._filename = None
             if self._pending:  # added since this flush took its batch: they open the new file
                 self._open_file_locked()
+        self._drop_spool()
+
+    def _drop_spool(self) -> None:
+        """Forgets the uploaded copy of the current file (caller holds `_flush_lock`)."""
         if self._spool is not None:
             self._spool.close()
-            self._spool = None
+        self._spool = self._spool_name = None
 
     def _raise_if_failed(self):
         with self._lock:
@@ -223,9 +226,7 @@ class SummaryWriter:
             self._thread = None
         self.flush()
         with self._flush_lock:  # a flush from another thread (the atexit one) may be using it
-            if self._spool is not None:
-                self._spool.close()
-                self._spool = None
+            self._drop_spool()
 
 
 def _copy(src, dst, chunk=8 << 20):

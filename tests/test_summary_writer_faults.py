@@ -136,6 +136,17 @@ def test_summaries_drop_what_a_restart_orphaned_as_tensorboard_does(tmp_path, ca
     assert rows == {"eval/acc": ["51", "0.5"], "loss": ["111", "-111"]}
 
 
+def _on_next_upload(writer, action):
+    """Runs `action()` as the writer's next upload begins; the upload goes on unless it raises."""
+    real = writer.storage.write_with
+
+    def once(*args, **kwargs):
+        writer.storage.write_with = real
+        action()
+        return real(*args, **kwargs)
+    writer.storage.write_with = once
+
+
 @pytest.fixture(params=["memory", "gcs"])
 def object_store(request, memory_url):
     """(url, storage_options) of an empty directory on an object store: memory:// or the GCS server."""
@@ -196,14 +207,8 @@ def test_a_local_writer_appends_to_one_file_unless_given_max_file_bytes(tmp_path
 def test_records_added_while_a_flush_rolls_over_open_the_next_file(memory_url):
     writer = rh.SummaryWriter(memory_url, flush_secs=0, max_file_bytes=1)
     writer.add_scalar("loss", 1.0, 1)
-    real = writer.storage.write_with
-
-    def add_during_the_upload(name, fn, **kwargs):
-        writer.add_scalar("loss", 2.0, 2)  # the training thread, while the flusher uploads
-        writer.storage.write_with = real
-        return real(name, fn, **kwargs)
-
-    writer.storage.write_with = add_during_the_upload
+    # the training thread, while the flusher uploads
+    _on_next_upload(writer, lambda: writer.add_scalar("loss", 2.0, 2))
     writer.flush()
     writer.close()
     assert _events(memory_url) == [["v", 1], ["v", 2]]
@@ -214,13 +219,11 @@ def test_reuse_after_a_failed_close_does_not_copy_the_old_file_into_the_new(memo
     writer.add_scalar("loss", 1.0, 1)
     writer.flush()
     writer.add_scalar("loss", 2.0, 2)
-    real = writer.storage.write_with
 
-    def fail_once(*args, **kwargs):  # an injected fault: memory:// itself never fails an upload
-        writer.storage.write_with = real
+    def fail():  # an injected fault: memory:// itself never fails an upload
         raise OSError("upload failed")
 
-    writer.storage.write_with = fail_once
+    _on_next_upload(writer, fail)
     with pytest.raises(OSError):
         writer.close()
     writer.add_scalar("loss", 3.0, 3)  # reopens on a new file; step 2 is retried there
@@ -242,15 +245,8 @@ def test_rolled_names_sort_in_order_with_a_clock_below_ten_digits(tmp_path):
 def test_an_add_during_close_does_not_keep_the_flush_thread_alive(memory_url):
     writer = rh.SummaryWriter(memory_url, flush_secs=0.01)
     uploading, release = threading.Event(), threading.Event()
-    real = writer.storage.write_with
-
-    def slow_upload(*args, **kwargs):  # holds the background flusher inside an upload
-        writer.storage.write_with = real
-        uploading.set()
-        release.wait(30)
-        return real(*args, **kwargs)
-
-    writer.storage.write_with = slow_upload
+    # holds the background flusher inside an upload
+    _on_next_upload(writer, lambda: (uploading.set(), release.wait(30)))
     writer.add_scalar("loss", 1.0, 1)
     assert uploading.wait(30)
     closer = threading.Thread(target=writer.close)
