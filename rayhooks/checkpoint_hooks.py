@@ -387,14 +387,8 @@ class CheckpointSaverHook(SessionRunHook):
 
     def _after_commit(self, session, step, info, saved=True):
         session.latest_checkpoint = info.url
-        try:
-            self.store.mark_listeners_started(step)  # at most once per step, even across a restart (I3)
-        except OSError as e:
-            if self._on_write_error == "raise":
-                raise
-            # The checkpoint is committed; only the marker a restarted Ray chief reads is missing.
-            logger.error("[step=%d] committed, but its after_save marker could not be written (%s); training "
-                         "goes on (on_write_error='retry_next_save')", step, e)
+        # At most once per step, even across a restart (I3).
+        self.store.mark_listeners_started(step, self._on_write_error)
         self._summary_writer.add_session_log("CHECKPOINT", step, checkpoint_path=self._save_path)
         if saved:  # a resumed run's restored checkpoint cost nothing now; its run wrote its health
             self._write_health(step)

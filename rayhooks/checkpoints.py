@@ -195,9 +195,19 @@ class CheckpointStore:
                 "tf.train.Checkpoint(...).restore(tf.train.latest_checkpoint(%r)) before training"
                 % (self.url, theirs[-1], self.url))
 
-    def mark_listeners_started(self, step: int) -> None:
-        """Records that after_save(step) is being dispatched, before it runs (at most once, I3)."""
-        self.storage.write_bytes(self.prefix_for(step) + LISTENERS_SUFFIX, b"")
+    def mark_listeners_started(self, step: int, on_write_error: str = "raise") -> None:
+        """Records that after_save(step) is being dispatched, before it runs (at most once, I3).
+
+        Under `on_write_error="retry_next_save"` a failed write is logged, not raised: the
+        checkpoint is committed, only the marker a restarted Ray chief reads is missing.
+        """
+        try:
+            self.storage.write_bytes(self.prefix_for(step) + LISTENERS_SUFFIX, b"")
+        except OSError as e:
+            if on_write_error != "retry_next_save":
+                raise
+            logger.error("[step=%d] committed, but its after_save marker could not be written (%s); training "
+                         "goes on (on_write_error='retry_next_save')", step, e)
 
     def listeners_started(self, step: int) -> bool:
         return self.storage.exists(self.prefix_for(step) + LISTENERS_SUFFIX)

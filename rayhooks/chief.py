@@ -443,14 +443,7 @@ class Chief:
         if ck.store.listeners_started(step):
             logger.warning("[step=%d] after_save already ran (before a chief restart); not again", step)
             return
-        try:
-            ck.store.mark_listeners_started(step)
-        except OSError as e:
-            if ck.on_write_error != "retry_next_save":
-                raise
-            # The checkpoint is committed; only the marker a restarted chief reads is missing.
-            logger.error("[step=%d] committed, but its after_save marker could not be written (%s); training "
-                         "goes on (on_write_error='retry_next_save')", step, e)
+        ck.store.mark_listeners_started(step, ck.on_write_error)
         stop = False
         for listener in ck.listeners:
             if listener.after_save(self.session, step):
