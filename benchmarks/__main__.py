@@ -79,11 +79,18 @@ def _plot(targets, path):
     names = ["\n".join(textwrap.wrap(t.name, 70)) for t in scored]
     ax.barh(range(len(scored)), [t.score for t in scored],
             color=["#2e7d32" if t.met else "#c62828" for t in scored])
+    # Each bar's whisker spans its best and worst repeat, so noise shows beside the median.
+    spans = [(i, t) for i, t in enumerate(scored) if t.score_range is not None]
+    if spans:
+        ax.errorbar([t.score for _, t in spans], [i for i, _ in spans], fmt="none", ecolor="black",
+                    elinewidth=1, capsize=3,
+                    xerr=[[max(t.score - t.score_range[0], 0) for _, t in spans],
+                          [max(t.score_range[1] - t.score, 0) for _, t in spans]])
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(scored)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("measured / target limit (log scale; < 1 is MET, green)")
+    ax.set_xlabel("measured / target limit (log scale; < 1 is MET, green); whiskers: best and worst repeat")
     ax.set_title("rayhooks: each target as measured / limit, in one run")
     fig.subplots_adjust(left=0.42, right=0.98)
     fig.savefig(path, dpi=110)

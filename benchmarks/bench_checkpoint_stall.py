@@ -75,7 +75,7 @@ import rayhooks as rh
 from benchmarks import common
 from benchmarks.raytrain import ensure_ray, raytrain_error, raytrain_fit, raytrain_poll_secs, save_npy_dir
 from benchmarks.common import (MB, BenchResult, Stat, Target, current_rss, emit, fmt_mb, fmt_ratio,
-                               paired_ratios, peak_rss, run_worker)
+                               paired_ratios, peak_rss, run_worker, score_range)
 
 NAME = "checkpoint_stall"
 TITLE = "Figure 2: training-loop stall of one checkpoint"
@@ -722,7 +722,8 @@ def _report(results, memory, sizes, raytrain=None, large_skipped=None):
                                   "%s of the copy (paired, %d saves; stall %s ms, copy %s ms)" % (
                                       fmt_ratio(xcopy[method]), len(r["stalls"]), _ms(stats[method]),
                                       _ms(Stat.of(r["anchors"]).scaled(1e3))),
-                                  xcopy[method] <= COPY_TARGET, xcopy[method] / COPY_TARGET))
+                                  xcopy[method] <= COPY_TARGET, xcopy[method] / COPY_TARGET,
+                                  score_range(paired_ratios(r["stalls"], r["anchors"]), COPY_TARGET)))
             raw, normalised = vs_tf1(method)
             if raw is not None:
                 targets.append(Target(
@@ -731,7 +732,8 @@ def _report(results, memory, sizes, raytrain=None, large_skipped=None):
                     "(TF1 %s of the copy, this %s)" % (fmt_ratio(raw), _ms(tf1), _ms(stats[method]),
                                                        fmt_ratio(normalised), fmt_ratio(xcopy["tf1_hook"]),
                                                        fmt_ratio(xcopy[method])),
-                    raw >= TF1_TARGET, TF1_TARGET / raw if raw else None))
+                    raw >= TF1_TARGET, TF1_TARGET / raw if raw else None,
+                    score_range([tf1.median / (1e3 * s) for s in r["stalls"] if s > 0], TF1_TARGET, higher_is_better=True)))
         for method in RAYTRAIN_METHODS:
             r = per.get(method)
             if r is None or "unavailable" in r:

@@ -59,7 +59,8 @@ import numpy as np
 
 import rayhooks as rh
 from rayhooks import storage as storage_module
-from benchmarks.common import MB, REPO_ROOT, BenchResult, Stat, Target, fmt_mb, fmt_ratio, paired_ratios
+from benchmarks.common import (MB, REPO_ROOT, BenchResult, Stat, Target, fmt_mb, fmt_ratio, paired_ratios,
+                               score_range)
 from benchmarks.raytrain import ensure_ray, raytrain_fit, raytrain_poll_secs, save_npy_dir
 
 NAME = "storage"
@@ -538,7 +539,9 @@ def _report(data):
                 "%s (rayhooks %.0f MB/s, pipe %.0f MB/s; paired over %d repeats%s)" % (
                     fmt_ratio(ratio), got["rh_write_data"]["MBps"]["median"], got["pipe"]["MBps"]["median"],
                     len(times["pipe"]), fsync),
-                ratio >= PERSIST_TARGET, PERSIST_TARGET / ratio if ratio else None))
+                ratio >= PERSIST_TARGET, PERSIST_TARGET / ratio if ratio else None,
+                score_range(paired_ratios(times["pipe"], times["rh_write_data"]), PERSIST_TARGET,
+                            higher_is_better=True)))
     if data["gcs_error"]:
         notes.append("gs:// rows missing: the GCS emulator did not start (%s)" % data["gcs_error"])
 
@@ -561,7 +564,9 @@ def _report(data):
                               % (name, COMMIT_TARGET_MS),
                               "%s ms (of which store.commit %s ms; %d saves of %s)" % (
                                   _ms(st["overhead"]), _ms(st["commit_call"]), len(saves), fmt_mb(res["nbytes"])),
-                              over <= COMMIT_TARGET_MS, max(over, 1e-3) / COMMIT_TARGET_MS))
+                              over <= COMMIT_TARGET_MS, max(over, 1e-3) / COMMIT_TARGET_MS,
+                              score_range((max(st["overhead"].min, 1e-3), max(st["overhead"].max, 1e-3)),
+                                          COMMIT_TARGET_MS)))
     rt = data["raytrain_commit"]
     if rt is not None:
         recs = rt["reports"]
@@ -602,7 +607,8 @@ def _report(data):
                                   "%s (this %s ms, TF2 %s ms; paired over %d repeats)" % (
                                       fmt_ratio(r), _ms(Stat.of(times[method]).scaled(1e3)),
                                       _ms(Stat.of(anchor).scaled(1e3)), len(anchor)),
-                                  r <= RESTORE_TARGET, r / RESTORE_TARGET))
+                                  r <= RESTORE_TARGET, r / RESTORE_TARGET,
+                                  score_range(paired_ratios(times[method], anchor), RESTORE_TARGET)))
 
     notes += [
         "Persist: one caller writes one file (rayhooks: the data file, then its small index); 'rayhooks / this' is "

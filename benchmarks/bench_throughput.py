@@ -86,7 +86,7 @@ import numpy as np
 
 from benchmarks.bench_storage import make_arrays
 from benchmarks.raytrain import ensure_ray, raytrain_fit, save_npy_dir
-from benchmarks.common import MB, BenchResult, Stat, Target, emit, fmt_mb, run_worker
+from benchmarks.common import MB, BenchResult, Stat, Target, emit, fmt_mb, run_worker, score_range
 
 NAME = "throughput"
 TITLE = "Figure: training throughput with a checkpoint every K seconds, as a fraction of no checkpoint"
@@ -800,7 +800,8 @@ def _report(data):
             "%d saves, %d spilled into a plain phase; plain-phase rates of the local runs spread %.1f%%"
             % (value, s["fraction"]["n"], K, s["fraction"]["min"], s["fraction"]["max"], s["pooled"],
                s["saves"] or 0, s["spilled"], 100 * spread if spread is not None else float("nan")),
-            value >= TARGET, TARGET / value if value > 0 else None))
+            value >= TARGET, TARGET / value if value > 0 else None,
+            score_range((s["fraction"]["min"], s["fraction"]["max"]), TARGET, higher_is_better=True)))
     if spread is not None:
         notes.append("Noise: the plain-phase rates of the local numpy runs spread %.1f%% (max - min over the median) "
                      "across pairs; on a shared machine a fraction's distance from 1.0 below that is not resolved."

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
@@ -51,6 +51,21 @@ class Stat:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def score_range(values: Sequence[float], limit: float, higher_is_better: bool = False
+                ) -> Optional[Tuple[float, float]]:
+    """The (best, worst) repeat as a score against `limit` (< 1 meets it), for the plot's min–max bar.
+
+    A cost can measure at or below zero in a noisy repeat (an overhead is a difference of two
+    times); on the plot's log scale it sits at a thousandth of the limit.
+    """
+    values = [v for v in values if v is not None]
+    if higher_is_better:
+        scores = [limit / v for v in values if v > 0]
+    else:
+        scores = [max(v / limit, 1e-3) for v in values]
+    return (min(scores), max(scores)) if scores else None
 
 
 def paired_ratios(subject: Sequence[float], anchor: Sequence[float]) -> List[float]:
@@ -229,6 +244,7 @@ class Target:
     measured: str
     met: bool
     score: Optional[float] = None  # measured / limit, so 1.0 is the line between MET and MISSED (for the plot)
+    score_range: Optional[Tuple[float, float]] = None  # the score of the best and worst repeat (the plot's bar)
 
     def line(self) -> str:
         return "%s — %s: %s" % ("MET" if self.met else "MISSED", self.name, self.measured)

@@ -31,6 +31,10 @@ def well_formed(result, name, title, scored=False):
         if scored:
             assert t.score is not None and math.isfinite(t.score) and t.score > 0, t
             assert (t.score <= 1.0) == t.met, t  # the plot's line at 1.0 separates MET from MISSED
+        # Every figure is a median over repeats: the plot's whisker spans the best and worst of them.
+        if t.score_range is not None:
+            best, worst = t.score_range
+            assert 0 < best <= t.score * (1 + 1e-9) and t.score <= worst * (1 + 1e-9), t
     text = result.markdown()
     assert text.startswith("## " + title)
     return text

@@ -23,13 +23,7 @@ import pytest  # noqa: E402
 
 from benchmarks import BENCHMARKS, bench_checkpoint_stall, bench_step_overhead, common  # noqa: E402
 from benchmarks.__main__ import main  # noqa: E402
-
-
-def _positive_finite(values):
-    values = list(values)
-    assert values, "no measurements"
-    for v in values:
-        assert math.isfinite(v) and v > 0, values
+from bench_checks import positive_finite as _positive_finite, well_formed  # noqa: E402
 
 
 # -- common -------------------------------------------------------------------------------
@@ -96,6 +90,8 @@ def test_step_overhead_tiny_runs_every_loop():
     _positive_finite(result.data["rayhooks"]["defaults"])  # the loop with MonitoredTrainingSession's defaults
     assert len(result.rows) == 7 and all(len(r) == len(result.headers) for r in result.rows)
     assert [isinstance(t.met, bool) for t in result.targets] == [True, True, True]
+    assert all(t.score_range is not None for t in result.targets)  # the plot's min–max whiskers
+    well_formed(result, bench_step_overhead.NAME, bench_step_overhead.TITLE, scored=True)
     assert "µs/step" in result.markdown()
     assert result.data["raytrain"] is None  # tiny: the Ray Train anchor is skipped, and says so
     assert any("Ray Train anchor not run" in n for n in result.notes)
@@ -123,6 +119,8 @@ def test_checkpoint_stall_tiny_runs_every_method():
     kinds = [t.name for t in result.targets]
     assert any("within 1.2x of the numpy copy" in k for k in kinds)
     assert any("below TF1's blocking hook" in k for k in kinds)
+    assert all(t.score_range is not None for t in result.targets)  # the plot's min–max whiskers
+    well_formed(result, bench_checkpoint_stall.NAME, bench_checkpoint_stall.TITLE, scored=True)
 
 
 def test_checkpoint_stall_runs_2gb_in_full_mode_where_memory_allows_and_says_when_not(monkeypatch):
@@ -170,6 +168,7 @@ def test_main_tiny_prints_and_writes_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Results written to %s" % out in printed
     assert "| loop" in printed and "| state" in printed
+    assert (tmp_path / "results.png").stat().st_size > 0
 
 
 @pytest.fixture
