@@ -95,10 +95,29 @@ class Chief:
             info = ck.store.latest()
             latest = info.step if info else None
             self.session.latest_checkpoint = info.url if info else None
+            if info is not None and ck.all_workers_write:
+                self._check_shard_count(ck, info)
         if self.spec.summary is not None:
             self._summary_writer = SummaryWriterCache.get(self.spec.summary.output_dir,
                                                           self.spec.summary.storage_options)
         return latest
+
+    def _check_shard_count(self, ck, info) -> None:
+        """With all_workers_write each worker restores its own shard: the counts must match.
+
+        Otherwise a new worker would silently restore worker 0's state, and shards of
+        workers that are gone would be silently dropped.
+        """
+        manifest = json.loads(ck.store.storage.read_bytes(info.prefix + MANIFEST_SUFFIX))
+        writers = manifest.get("writers")
+        # One writer: every worker held worker 0's state (all_workers_write=False), so any count resumes.
+        if writers is None or len(writers) <= 1 or len(writers) == self.num_workers:
+            return
+        raise ValueError(
+            "[step=%d] checkpoint %s holds one shard per worker for %d workers (all_workers_write=True), "
+            "but this run has %d: each worker restores its own shard, so launch it with num_workers=%d "
+            "to resume from it, or start a new checkpoint_dir (seeding the state yourself) to change "
+            "the number of workers" % (info.step, info.url, len(writers), self.num_workers, len(writers)))
 
     def workers_created(self, start_step: int) -> dict:
         """All workers restored and are at `start_step`; returns their first update."""
@@ -544,10 +563,35 @@ class Chief:
     def worker_failed(self, worker: int, message: str) -> None:
         self.errors.append("worker %d: %s" % (worker, message))
 
+    def _uncommitted_at_finish(self) -> Optional[RuntimeError]:
+        """A save whose shards only partly reached this chief when every worker had ended.
+
+        The workers report each shard once; a chief restarted between two writers'
+        reports holds only the later ones, and the checkpoint can never commit. At
+        the end of the run that is the final checkpoint, lost without a word (I6).
+        """
+        if self.spec.checkpoint is None or self.errors or self._failure is not None:
+            return None
+        newest = max(self.committed, default=-1)
+        lost = sorted(s for s in self._shards if s > newest and s not in self._cancelled)
+        if not lost:
+            return None
+        step = lost[-1]
+        ck = self.spec.checkpoint
+        return RuntimeError(
+            "[step=%d] the checkpoint of step %d in %s was not committed: only the shards of workers %s reached "
+            "the chief (it restarted while the others were reported), and the run has ended. The newest "
+            "committed checkpoint is %s; launch again with the same checkpoint_dir to resume from it"
+            % (step, step, ck.store.url, sorted(self._shards[step]),
+               "step %d" % newest if newest >= 0 else "none"))
+
     def finish(self) -> dict:
         """Runs the `end` callbacks once; returns what the run produced."""
         last_step = max(self._ended.values()) if self._ended else max(self.progress.values(), default=0)
         self.session.global_step = last_step
+        lost = self._uncommitted_at_finish()
+        if lost is not None:
+            self.errors.append(str(lost))
         if not self.errors:
             if self._replayed is not None:
                 self._replay(last_step)
@@ -563,6 +607,8 @@ class Chief:
                                    self.spec.checkpoint.store.storage.storage_options).flush()
         if self._failure is not None:
             raise self._failure
+        if lost is not None:
+            raise lost
         return {"last_step": last_step, "committed": list(self.committed), "metrics": dict(self._metrics),
                 "recoveries": self.recoveries, "preemptions": self.preemptions,
                 "skipped_saves": self.skipped_saves, "failed_saves": self.failed_saves,

@@ -179,6 +179,20 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
     return _result(summary, results)
 
 
+def _resume_hint(spec) -> str:
+    if spec.checkpoint is None:
+        return "and no checkpoint hook was given, so nothing was saved"
+    try:
+        info = spec.checkpoint.store.latest()
+    except Exception:  # noqa: BLE001 -- the worker's death is the error to report
+        return "; launch again with the same checkpoint_dir (%s) to resume from its newest committed checkpoint" \
+            % spec.checkpoint.store.url
+    if info is None:
+        return "before any checkpoint in %s was committed" % spec.checkpoint.store.url
+    return ("after step %d was committed in %s; launch again with the same checkpoint_dir to resume from it"
+            % (info.step, spec.checkpoint.store.url))
+
+
 def _latest_step(spec):
     info = spec.checkpoint.store.latest() if spec.checkpoint is not None else None
     return info.step if info is not None else 0
@@ -271,6 +285,10 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                 continue
             ray.get(chief.call.remote("worker_failed", index, str(cause)))
             ray.get(chief.call.remote("finish"))
+            if not isinstance(cause, WorkerError):  # the actor or its node died: Ray's error names neither
+                raise RuntimeError("worker %d died (its actor or node was lost, and max_failures=%d restarts "
+                                   "were used) %s. Ray's error: %s"
+                                   % (index, max_failures, _resume_hint(spec), cause)) from cause
             raise cause from getattr(cause, "original", None)
         summary = ray.get(chief.call.remote("finish"))
         return _result(summary, ray.get(refs))

@@ -700,3 +700,35 @@ def test_a_worker_training_past_the_only_writer_is_warned_of(ckpt_dir, caplog):
     assert max(result.checkpoints) == 3  # worker 0's final save; worker 1's steps are not saved
     assert "worker 1 trained past worker 0, which left its loop at step 3" in caplog.text
     assert "all_workers_write=True" in caplog.text
+
+
+def _per_worker_state(ctx):
+    state = {"w": np.full(2, 1000.0 * ctx.worker_index, np.float32)}
+
+    def step():
+        state["w"] += 1
+        return {}
+
+    with ctx.session(state=state) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    return float(state["w"][0])
+
+
+@pytest.mark.parametrize("resume_with", [1, 3])
+def test_all_workers_write_resume_with_another_number_of_workers_is_refused(ckpt_dir, resume_with):
+    hook = lambda: rh.CheckpointSaverHook(ckpt_dir, save_steps=10)  # noqa: E731
+    rh.launch(_per_worker_state, 2, backend="local", all_workers_write=True, chief_only_hooks=[hook()],
+              hooks=[rh.StopAtStepHook(last_step=20)])
+    with pytest.raises(ValueError, match=r"\[step=20\] .*model.ckpt-20 holds one shard per worker for 2 workers.*"
+                                         r"this run has %d.*num_workers=2" % resume_with):
+        rh.launch(_per_worker_state, resume_with, backend="local", all_workers_write=True,
+                  chief_only_hooks=[hook()], hooks=[rh.StopAtStepHook(last_step=30)])
+    # One writer's checkpoint (all_workers_write=False) held every worker's state: any count resumes from it.
+    other = ckpt_dir + "-one-writer"
+    rh.launch(_per_worker_state, 2, backend="local", chief_only_hooks=[rh.CheckpointSaverHook(other, save_steps=10)],
+              hooks=[rh.StopAtStepHook(last_step=20)])
+    result = rh.launch(_per_worker_state, resume_with, backend="local", all_workers_write=True,
+                       chief_only_hooks=[rh.CheckpointSaverHook(other, save_steps=10)],
+                       hooks=[rh.StopAtStepHook(last_step=30)])
+    assert result.worker_results == [30.0] * resume_with

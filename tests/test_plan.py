@@ -464,3 +464,28 @@ def test_chief_never_commits_a_step_older_than_its_latest_commit(tmp_path):
     assert [info.step for info in store.committed()] == [0, 40]
     assert chief.skipped_saves == 1
     assert ("after_save", 20) not in listener.trace
+
+
+def test_a_chief_restarted_between_two_writers_shards_fails_the_run_rather_than_drop_its_last_checkpoint(tmp_path):
+    """Each worker reports a shard once: a chief restarted between the two reports never sees it whole (I6)."""
+    clock = rh.ManualClock(1000.0)
+    chief, listener, sent, store = _chief(tmp_path, clock, all_workers_write=True, save_steps=50)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 10.0, {}, [_shard(store, 0, 0)], {})
+    chief.report(1, 1, 10.0, {}, [_shard(store, 0, 1)], {})
+    assert chief.committed == [0]
+    chief.report(0, 50, 11.0, {}, [_shard(store, 50, 0)], {})   # worker 0's shard of the last save
+    assert chief.worker_end(0, 50) == []                           # step 50 was planned: no final save
+
+    # Ray restarts the chief actor: a new Chief rebuilt from storage hears only worker 1's shard,
+    # which worker 1 writes once more if the new chief asks for a final save.
+    restarted = Chief(chief.spec, 2, lambda i, update: None, report_latency=0.5)
+    restarted.recover()
+    restarted.report(1, 50, 11.0, {}, [_shard(store, 50, 1)], {})
+    assert [a.step for a in restarted.worker_end(1, 50)] in ([], [50])
+    with pytest.raises(RuntimeError, match=r"\[step=50\] the checkpoint of step 50 in .* was not committed: only "
+                                           r"the shards of workers \[1\].*newest committed checkpoint is step 0; "
+                                           r"launch again with the same checkpoint_dir"):
+        restarted.finish()
+    assert store.latest().step == 0 and store.verify(store.latest()) == []

@@ -210,3 +210,32 @@ def test_ray_worker_sigterm_saves_an_emergency_checkpoint_and_resumes(ray_sessio
     assert store.latest().step == 300
     info = store.get(emergency)
     assert store.verify(info) == [] and float(store.reader(info).read_tensors()["w"][0]) == emergency
+
+
+def _exit_worker_1_at_step_30(ctx):
+    state = {"w": np.zeros(2, np.float32)}
+
+    def step():
+        state["w"] += 1
+        return {}
+
+    with ctx.session(state=state) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+            if ctx.worker_index == 1 and sess.global_step == 30:
+                os._exit(1)  # the process dies: no traceback reaches the driver
+
+
+def test_ray_dead_worker_error_names_the_directory_the_step_and_the_fix(ray_session, tmp_path):
+    import ray
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(RuntimeError) as error:
+        rh.launch(_exit_worker_1_at_step_30, 2, backend="ray", tf_config=False,
+                  chief_only_hooks=[rh.CheckpointSaverHook(ckpt, save_steps=10)],
+                  hooks=[rh.StopAtStepHook(last_step=1000)])
+    latest = rh.CheckpointStore(rh.Storage(ckpt)).latest().step
+    message = str(error.value)
+    assert "worker 1 died" in message and ckpt in message, message
+    assert "after step %d was committed" % latest in message and "launch again" in message, message
+    assert isinstance(error.value.__cause__, ray.exceptions.RayActorError)
