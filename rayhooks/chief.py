@@ -197,8 +197,9 @@ class Chief:
                 self._rules[action.kind] = action
             else:
                 self._announced[action.step * 2 + (action.kind == SUMMARY)] = action
-            if action.kind == CHECKPOINT:
-                self._before_save(action.step)
+            stop = self.planner.stop_step if self.planner is not None else None
+            if action.kind == CHECKPOINT and (stop is None or action.step <= stop):
+                self._before_save(action.step)  # a step past the stop is never saved: no before_save
         return actions
 
     def _before_save(self, step: int) -> None:
@@ -363,7 +364,15 @@ class Chief:
             self._replayed = self.session.global_step = stale + 1
             for hook in hooks:
                 fetches = requests.get(hook)
-                results = None if fetches is None else resolve_fetches(fetches, self._metrics, stale)
+                try:
+                    results = None if fetches is None else resolve_fetches(fetches, self._metrics, stale)
+                except KeyError:
+                    raise KeyError(
+                        "%s fetches %r, but it is a chief-only hook: under launch it runs on the chief, "
+                        "where fetches resolve against worker 0's latest scalar step outputs (%s), sent "
+                        "every report_interval. Pass it in hooks= to run it in every worker's training "
+                        "loop, on each step's outputs" % (type(hook).__name__, fetches,
+                                                          sorted(self._metrics) or "none yet")) from None
                 hook.after_run(context, SessionRunValues(results, None, None))
             if context.stop_requested:
                 self.planner.request_stop(max(self.progress.values()), self._margin())
@@ -584,6 +593,10 @@ class Chief:
             "committed checkpoint is %s; launch again with the same checkpoint_dir to resume from it"
             % (step, step, ck.store.url, sorted(self._shards[step]),
                "step %d" % newest if newest >= 0 else "none"))
+
+    def flush_summaries(self) -> None:
+        """Uploads every buffered summary now: the driver calls this before it kills the chief."""
+        SummaryWriterCache.flush_all("before the chief was stopped")
 
     def finish(self) -> dict:
         """Runs the `end` callbacks once; returns what the run produced."""

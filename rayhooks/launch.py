@@ -251,6 +251,7 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
             ray.kill(w, no_restart=True)
         workers[:] = []
 
+    finished = False  # the chief's finish() flushes its summaries; on any other way out the driver asks it to
     try:
         start = ray.get(chief.call.remote("start"))
         failures = 0
@@ -284,15 +285,22 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                 start = _latest_step(spec)
                 continue
             ray.get(chief.call.remote("worker_failed", index, str(cause)))
+            finished = True
             ray.get(chief.call.remote("finish"))
             if not isinstance(cause, WorkerError):  # the actor or its node died: Ray's error names neither
                 raise RuntimeError("worker %d died (its actor or node was lost, and max_failures=%d restarts "
                                    "were used) %s. Ray's error: %s"
                                    % (index, max_failures, _resume_hint(spec), cause)) from cause
             raise cause from getattr(cause, "original", None)
+        finished = True
         summary = ray.get(chief.call.remote("finish"))
         return _result(summary, ray.get(refs))
     finally:
         stop_workers()
+        if not finished:  # Ctrl-C, say: ray.kill skips the chief's exit-time flush of its summaries
+            try:
+                ray.get(chief.call.remote("flush_summaries"), timeout=60)
+            except Exception as e:  # noqa: BLE001 -- the error that brought us here matters more
+                logger.warning("could not flush the chief's summaries before stopping it: %s", e)
         ray.kill(chief, no_restart=True)
         remove_placement_group(pg)

@@ -346,7 +346,17 @@ class TrackableSaver:
         # TF restores some variables later, when they are created (optimizer slots on the
         # first step), from the same files: a downloaded copy must outlive this call.
         self._staged = checkpoint.local_copy()
-        self.checkpoint.restore(self._staged.prefix).expect_partial()
+        status = self.checkpoint.restore(self._staged.prefix).expect_partial()
+        try:
+            # Every object the state already holds must find its values: a state whose
+            # structure differs from the checkpoint's (state=model where the run saved
+            # tf.train.Checkpoint(model=...), a renamed attribute) would otherwise train
+            # from fresh weights under the restored step. Values the state does not hold
+            # (an optimizer, when restoring into an evaluation model) are fine.
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise ValueError("%s does not match the state it is restored into (%s); pass the same "
+                             "structure that saved it" % (checkpoint.url, e)) from None
 
 
 # -- the snapshot plan: TF's gather step, kept while the object graph keeps its shape --

@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
@@ -261,11 +262,26 @@ class SummaryWriterCache:
             writer.close()
 
 
-@atexit.register
+    @classmethod
+    def flush_all(cls, when="now"):
+        """Uploads what every shared writer holds; a failure is logged, naming the URL, and the rest go on."""
+        with cls._lock:
+            writers = list(cls._writers.values())
+        for writer in writers:
+            try:
+                writer.flush()
+            except Exception as e:  # at exit, or on the way out of a failed run: no one left to raise to
+                logger.error("could not flush summaries to %s %s: %s", writer.url, when, e)
+
+
 def _flush_all_at_exit():
     """Buffered events reach storage even when no hook's `end` ran (a step raised)."""
-    for writer in list(SummaryWriterCache._writers.values()):
-        try:
-            writer.flush()
-        except Exception as e:  # at exit there is no one left to raise to
-            logger.error("could not flush summaries to %s at exit: %s", writer.url, e)
+    SummaryWriterCache.flush_all("at exit")
+
+
+# fsspec filesystems close their connections at exit through `weakref.finalize` (gcsfs's
+# aiohttp session does), whose one atexit hook is registered when the process makes its first
+# finalizer. atexit runs hooks last-registered first: registering that hook now, before ours,
+# makes the flush above run while those connections are still open.
+weakref.finalize(_flush_all_at_exit, lambda: None)
+atexit.register(_flush_all_at_exit)

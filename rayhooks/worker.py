@@ -133,6 +133,10 @@ class WorkerAgent(SessionRunHook):
     def after_create_session(self, session, coord):
         self._session = session
         self._run_due(session.global_step, session)
+        if session.global_step >= self._stop_step:
+            # Restored at or past the stop (a finished run launched again): train no step,
+            # as Estimator.train(max_steps=N) skips training once step N is saved.
+            coord.request_stop()
 
     def after_run(self, run_context, run_values):
         session = run_context.session

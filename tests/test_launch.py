@@ -732,3 +732,107 @@ def test_all_workers_write_resume_with_another_number_of_workers_is_refused(ckpt
                        chief_only_hooks=[rh.CheckpointSaverHook(other, save_steps=10)],
                        hooks=[rh.StopAtStepHook(last_step=30)])
     assert result.worker_results == [30.0] * resume_with
+
+
+class _SaveCalls(rh.CheckpointSaverListener):
+    def begin(self):
+        self.calls = []
+
+    def before_save(self, session, step):
+        self.calls.append(("before", step))
+
+    def after_save(self, session, step):
+        self.calls.append(("after", step))
+
+
+def _count_steps(ctx):
+    state = {"w": np.zeros(1, np.float32)}
+
+    def step():
+        state["w"] += 1
+        return {"loss": 0.0}
+
+    with ctx.session(state=state) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    return sess.global_step
+
+
+def test_a_resumed_or_finished_run_saves_nothing_past_its_last_step(ckpt_dir):
+    """Estimator.train(max_steps=N) semantics: no before_save past the stop, no step past a finished run."""
+    def launch(last_step):
+        listener = _SaveCalls()
+        result = rh.launch(_count_steps, 2, backend="local", hooks=[rh.StopAtStepHook(last_step=last_step)],
+                           chief_only_hooks=[rh.AsyncCheckpointSaverHook(ckpt_dir, save_steps=50,
+                                                                        listeners=[listener])])
+        return result, listener.calls
+
+    launch(45)
+    result, calls = launch(55)                        # resumes from 45; the rule's next save (95) is past 55
+    assert result.worker_results == [55, 55]
+    assert calls == [("before", 55), ("after", 55)]
+    result, calls = launch(55)                        # the run is done: launched again, it trains no step
+    assert result.worker_results == [55, 55]
+    assert calls == [] and [i.step for i in _committed(ckpt_dir)][-1] == 55
+
+
+def test_a_chief_only_hook_fetching_a_non_scalar_output_says_where_it_runs(ckpt_dir):
+    def train(ctx):
+        state = {"w": np.zeros(3, np.float32)}
+
+        def step():
+            state["w"] += 1
+            return {"loss": float(state["w"][0]), "weights": state["w"].copy()}
+
+        with ctx.session(state=state) as sess:
+            while not sess.should_stop():
+                sess.run(step)
+
+    with pytest.raises(KeyError, match=r"LoggingTensorHook fetches .*weights.* chief-only hook.*scalar step outputs "
+                                       r"\(\['loss'\]\).*Pass it in hooks="):
+        rh.launch(train, 1, backend="local", chief_only_hooks=[rh.LoggingTensorHook(["weights"], every_n_iter=10)],
+                  hooks=[rh.StopAtStepHook(last_step=20)])
+
+
+class _InterruptDriver(rh.CheckpointSaverListener):
+    """On the chief, once a checkpoint commits, sends the driver SIGINT: a real Ctrl-C of `launch`.
+
+    The chief writes a report's summaries before it commits the shards in it, so by then
+    the summaries of every step up to the checkpoint's are in the chief's writer.
+    """
+
+    def __init__(self, driver_pid):
+        self.driver_pid = driver_pid
+
+    def after_save(self, session, global_step_value):
+        import signal
+        os.kill(self.driver_pid, signal.SIGINT)
+
+
+def _train_until_stopped(ctx):
+    state = {"w": np.zeros(2, np.float32)}
+
+    def step():
+        state["w"] += 1
+        return {"loss": float(state["w"][0])}
+
+    with ctx.session(state=state) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+
+
+def test_ctrl_c_of_a_ray_launch_keeps_the_summaries_the_chief_wrote(ray_session, tmp_path):
+    import ray.cloudpickle
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    logdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        rh.launch(_train_until_stopped, 2, backend="ray", tf_config=False,
+                  chief_only_hooks=[rh.SummarySaverHook(save_steps=10, output_dir=logdir, summary_op=["loss"]),
+                                    rh.CheckpointSaverHook(str(tmp_path / "ckpt"), save_steps=100,
+                                                           listeners=[_InterruptDriver(os.getpid())])],
+                  hooks=[rh.StopAtStepHook(last_step=10 ** 9)])
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps[:1] == [1] and 91 in steps, steps   # every summary up to the checkpoint reached the disk

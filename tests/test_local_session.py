@@ -377,3 +377,25 @@ def test_a_damaged_newest_tf_checkpoint_falls_back_while_verified_during_restore
         info = rh.CheckpointStore(storage).restore_latest(rh.TrackableSaver(tf.train.Checkpoint(v=v)))
     assert info.step == 3 and damaged in caplog.text
     np.testing.assert_array_equal(v.numpy(), np.full(1 << 16, 3, np.float32))
+
+
+def test_resuming_into_a_state_of_another_structure_raises_rather_than_train_from_fresh_weights(tmp_path):
+    """TF1's Saver raised here; an unchecked TF2 restore binds nothing and training would restart at step 10."""
+    import tensorflow as tf
+    url = str(tmp_path / "ckpt")
+
+    def run(make_state, last_step):
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)])
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=10, save_summaries_steps=None,
+                                         hooks=[rh.StopAtStepHook(last_step=last_step)],
+                                         state=make_state(model)) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: model.layers[0].bias.assign_add([1.0]))
+        return model
+
+    run(lambda m: tf.train.Checkpoint(model=m), 10)
+    with pytest.raises(ValueError, match=r"model.ckpt-10 does not match the state it is restored into"):
+        run(lambda m: m, 20)                              # the model itself, where the run saved Checkpoint(model=)
+    assert rh.CheckpointStore(rh.Storage(url)).latest().step == 10
+    model = run(lambda m: tf.train.Checkpoint(model=m), 20)  # the same structure resumes
+    assert model.layers[0].bias.numpy()[0] == 20.0

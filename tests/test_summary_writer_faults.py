@@ -258,3 +258,27 @@ def test_an_add_during_close_does_not_keep_the_flush_thread_alive(memory_url):
     assert not closer.is_alive()
     writer.close()
     assert [step for f in _events(memory_url) for step in f if step != "v"] == [1, 2]
+
+
+def test_a_run_that_raises_keeps_its_summaries_on_gcs(gcs, tmp_path):
+    """No hook's `end` runs when a step raises: the exit-time flush must reach gs:// before gcsfs closes its session."""
+    url = "gs://rayhooks-test/exit-flush-%s" % uuid.uuid4().hex[:8]
+    script = tmp_path / "diverge.py"
+    script.write_text(
+        "import numpy as np, rayhooks as rh\n"
+        "state = {'w': np.zeros(2, np.float32)}\n"
+        "def step():\n"
+        "    state['w'] += 1\n"
+        "    return {'loss': float('nan') if state['w'][0] >= 12 else 1.0}\n"
+        "with rh.MonitoredTrainingSession(checkpoint_dir=%r, save_checkpoint_steps=None, save_summaries_steps=5,\n"
+        "        scaffold=rh.Scaffold(summary_op=['loss']), storage_options=%r,\n"
+        "        hooks=[rh.NanTensorHook('loss')], state=state) as sess:\n"
+        "    while not sess.should_stop():\n"
+        "        sess.run(step)\n" % (url, gcs.options))
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "NanLossDuringTrainingError" in done.stderr, done.stderr[-2000:]
+    assert "could not flush" not in done.stderr, done.stderr[-2000:]
+    (steps,) = _events(url, gcs.options)
+    assert 11 in steps, steps  # the last summary before the step that diverged
