@@ -15,7 +15,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -802,11 +804,13 @@ class _InterruptDriver(rh.CheckpointSaverListener):
     """
 
     def __init__(self, driver_pid):
-        self.driver_pid = driver_pid
+        self.driver_pid, self.sent = driver_pid, False
 
     def after_save(self, session, global_step_value):
         import signal
-        os.kill(self.driver_pid, signal.SIGINT)
+        if not self.sent:  # one Ctrl-C: a second would land in launch's own clean-up
+            self.sent = True
+            os.kill(self.driver_pid, signal.SIGINT)
 
 
 def _train_until_stopped(ctx):
@@ -826,7 +830,10 @@ def test_ctrl_c_of_a_ray_launch_keeps_the_summaries_the_chief_wrote(ray_session,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     logdir = str(tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):
+    # Python's own handler: Ray Train, run earlier in this process, leaves one that exits instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with pytest.raises(KeyboardInterrupt), contextlib.ExitStack() as restore:
+        restore.callback(signal.signal, signal.SIGINT, previous)
         rh.launch(_train_until_stopped, 2, backend="ray", tf_config=False,
                   chief_only_hooks=[rh.SummarySaverHook(save_steps=10, output_dir=logdir, summary_op=["loss"]),
                                     rh.CheckpointSaverHook(str(tmp_path / "ckpt"), save_steps=100,
