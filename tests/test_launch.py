@@ -704,36 +704,23 @@ def test_a_worker_training_past_the_only_writer_is_warned_of(ckpt_dir, caplog):
     assert "all_workers_write=True" in caplog.text
 
 
-def _per_worker_state(ctx):
-    state = {"w": np.full(2, 1000.0 * ctx.worker_index, np.float32)}
-
-    def step():
-        state["w"] += 1
-        return {}
-
-    with ctx.session(state=state) as sess:
-        while not sess.should_stop():
-            sess.run(step)
-    return float(state["w"][0])
-
-
 @pytest.mark.parametrize("resume_with", [1, 3])
 def test_all_workers_write_resume_with_another_number_of_workers_is_refused(ckpt_dir, resume_with):
     hook = lambda: rh.CheckpointSaverHook(ckpt_dir, save_steps=10)  # noqa: E731
-    rh.launch(_per_worker_state, 2, backend="local", all_workers_write=True, chief_only_hooks=[hook()],
+    rh.launch(count_steps, 2, backend="local", all_workers_write=True, chief_only_hooks=[hook()],
               hooks=[rh.StopAtStepHook(last_step=20)])
     with pytest.raises(ValueError, match=r"\[step=20\] .*model.ckpt-20 holds one shard per worker for 2 workers.*"
                                          r"this run has %d.*num_workers=2" % resume_with):
-        rh.launch(_per_worker_state, resume_with, backend="local", all_workers_write=True,
+        rh.launch(count_steps, resume_with, backend="local", all_workers_write=True,
                   chief_only_hooks=[hook()], hooks=[rh.StopAtStepHook(last_step=30)])
     # One writer's checkpoint (all_workers_write=False) held every worker's state: any count resumes from it.
     other = ckpt_dir + "-one-writer"
-    rh.launch(_per_worker_state, 2, backend="local", chief_only_hooks=[rh.CheckpointSaverHook(other, save_steps=10)],
+    rh.launch(count_steps, 2, backend="local", chief_only_hooks=[rh.CheckpointSaverHook(other, save_steps=10)],
               hooks=[rh.StopAtStepHook(last_step=20)])
-    result = rh.launch(_per_worker_state, resume_with, backend="local", all_workers_write=True,
+    result = rh.launch(count_steps, resume_with, backend="local", all_workers_write=True,
                        chief_only_hooks=[rh.CheckpointSaverHook(other, save_steps=10)],
                        hooks=[rh.StopAtStepHook(last_step=30)])
-    assert result.worker_results == [30.0] * resume_with
+    assert [r["w"][0] for r in result.worker_results] == [30.0] * resume_with  # worker 0's state, resumed
 
 
 class _SaveCalls(rh.CheckpointSaverListener):
@@ -747,34 +734,21 @@ class _SaveCalls(rh.CheckpointSaverListener):
         self.calls.append(("after", step))
 
 
-def _count_steps(ctx):
-    state = {"w": np.zeros(1, np.float32)}
-
-    def step():
-        state["w"] += 1
-        return {"loss": 0.0}
-
-    with ctx.session(state=state) as sess:
-        while not sess.should_stop():
-            sess.run(step)
-    return sess.global_step
-
-
 def test_a_resumed_or_finished_run_saves_nothing_past_its_last_step(ckpt_dir):
     """Estimator.train(max_steps=N) semantics: no before_save past the stop, no step past a finished run."""
     def launch(last_step):
         listener = _SaveCalls()
-        result = rh.launch(_count_steps, 2, backend="local", hooks=[rh.StopAtStepHook(last_step=last_step)],
+        result = rh.launch(count_steps, 2, backend="local", hooks=[rh.StopAtStepHook(last_step=last_step)],
                            chief_only_hooks=[rh.AsyncCheckpointSaverHook(ckpt_dir, save_steps=50,
                                                                         listeners=[listener])])
         return result, listener.calls
 
     launch(45)
     result, calls = launch(55)                        # resumes from 45; the rule's next save (95) is past 55
-    assert result.worker_results == [55, 55]
+    assert _steps(result) == [55, 55]
     assert calls == [("before", 55), ("after", 55)]
     result, calls = launch(55)                        # the run is done: launched again, it trains no step
-    assert result.worker_results == [55, 55]
+    assert _steps(result) == [55, 55]
     assert calls == [] and [i.step for i in _committed(ckpt_dir)][-1] == 55
 
 
@@ -813,18 +787,6 @@ class _InterruptDriver(rh.CheckpointSaverListener):
             os.kill(self.driver_pid, signal.SIGINT)
 
 
-def _train_until_stopped(ctx):
-    state = {"w": np.zeros(2, np.float32)}
-
-    def step():
-        state["w"] += 1
-        return {"loss": float(state["w"][0])}
-
-    with ctx.session(state=state) as sess:
-        while not sess.should_stop():
-            sess.run(step)
-
-
 def test_ctrl_c_of_a_ray_launch_keeps_the_summaries_the_chief_wrote(ray_session, tmp_path):
     import ray.cloudpickle
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -834,7 +796,7 @@ def test_ctrl_c_of_a_ray_launch_keeps_the_summaries_the_chief_wrote(ray_session,
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt), contextlib.ExitStack() as restore:
         restore.callback(signal.signal, signal.SIGINT, previous)
-        rh.launch(_train_until_stopped, 2, backend="ray", tf_config=False,
+        rh.launch(count_steps, 2, backend="ray", tf_config=False,
                   chief_only_hooks=[rh.SummarySaverHook(save_steps=10, output_dir=logdir, summary_op=["loss"]),
                                     rh.CheckpointSaverHook(str(tmp_path / "ckpt"), save_steps=100,
                                                            listeners=[_InterruptDriver(os.getpid())])],
