@@ -28,7 +28,7 @@ import tensorflow as tf
 
 import rayhooks as rh
 from rayhooks.plan import CHECKPOINT, Planner
-from test_plan import tf1_checkpoint_steps, tf1_summary_steps
+from test_plan import TraceListener, tf1_checkpoint_steps, tf1_summary_steps
 
 WAIT_SECS = 120          # the longest any in-test wait may take before the test fails
 MIN_MARGIN = Planner(0, []).min_margin
@@ -723,30 +723,19 @@ def test_all_workers_write_resume_with_another_number_of_workers_is_refused(ckpt
     assert [r["w"][0] for r in result.worker_results] == [30.0] * resume_with  # worker 0's state, resumed
 
 
-class _SaveCalls(rh.CheckpointSaverListener):
-    def begin(self):
-        self.calls = []
-
-    def before_save(self, session, step):
-        self.calls.append(("before", step))
-
-    def after_save(self, session, step):
-        self.calls.append(("after", step))
-
-
 def test_a_resumed_or_finished_run_saves_nothing_past_its_last_step(ckpt_dir):
     """Estimator.train(max_steps=N) semantics: no before_save past the stop, no step past a finished run."""
     def launch(last_step):
-        listener = _SaveCalls()
+        listener = TraceListener()
         result = rh.launch(count_steps, 2, backend="local", hooks=[rh.StopAtStepHook(last_step=last_step)],
                            chief_only_hooks=[rh.AsyncCheckpointSaverHook(ckpt_dir, save_steps=50,
                                                                         listeners=[listener])])
-        return result, listener.calls
+        return result, [call for call in listener.trace if call[0] != "end"]
 
     launch(45)
     result, calls = launch(55)                        # resumes from 45; the rule's next save (95) is past 55
     assert _steps(result) == [55, 55]
-    assert calls == [("before", 55), ("after", 55)]
+    assert calls == [("before_save", 55), ("after_save", 55)]
     result, calls = launch(55)                        # the run is done: launched again, it trains no step
     assert _steps(result) == [55, 55]
     assert calls == [] and [i.step for i in _committed(ckpt_dir)][-1] == 55
