@@ -43,7 +43,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.common import BenchResult, Stat, Target, score_range
+from benchmarks.common import BenchResult, Stat, Target, cost_score, score_range
 
 NAME = "ray"
 TITLE = "Figure: per-step overhead on launched workers (Ray and local), and save_secs lateness on Ray"
@@ -339,7 +339,7 @@ def run(quick=False, tiny=False):
                 "Ray, %d worker%s: the should_stop()+run() loop within %.0f µs/step of the bare loop (thread CPU time)"
                 % (d["workers"], "" if d["workers"] == 1 else "s", TARGET_US),
                 "%s µs/step (wall clock: %s)" % (c["loop_overhead"].format(3), s["loop_overhead"].format(3)),
-                c["loop_overhead"].median < TARGET_US, c["loop_overhead"].median / TARGET_US,
+                c["loop_overhead"].median < TARGET_US, cost_score(c["loop_overhead"].median, TARGET_US),
                 score_range((c["loop_overhead"].min, c["loop_overhead"].max), TARGET_US)))
     extra, notes = [], [
         "Overhead = session per-step time - the bare loop's of the same repeat on the same worker; the figure "

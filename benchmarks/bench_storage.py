@@ -59,8 +59,8 @@ import numpy as np
 
 import rayhooks as rh
 from rayhooks import storage as storage_module
-from benchmarks.common import (MB, REPO_ROOT, BenchResult, Stat, Target, fmt_mb, fmt_ratio, paired_ratios,
-                               score_range)
+from benchmarks.common import (MB, REPO_ROOT, BenchResult, Stat, Target, cost_score, fmt_mb, fmt_ratio,
+                               paired_ratios, score_range)
 from benchmarks.raytrain import ensure_ray, raytrain_fit, raytrain_poll_secs, save_npy_dir
 
 NAME = "storage"
@@ -564,9 +564,8 @@ def _report(data):
                               % (name, COMMIT_TARGET_MS),
                               "%s ms (of which store.commit %s ms; %d saves of %s)" % (
                                   _ms(st["overhead"]), _ms(st["commit_call"]), len(saves), fmt_mb(res["nbytes"])),
-                              over <= COMMIT_TARGET_MS, max(over, 1e-3) / COMMIT_TARGET_MS,
-                              score_range((max(st["overhead"].min, 1e-3), max(st["overhead"].max, 1e-3)),
-                                          COMMIT_TARGET_MS)))
+                              over <= COMMIT_TARGET_MS, cost_score(over, COMMIT_TARGET_MS),
+                              score_range((st["overhead"].min, st["overhead"].max), COMMIT_TARGET_MS)))
     rt = data["raytrain_commit"]
     if rt is not None:
         recs = rt["reports"]

@@ -53,18 +53,21 @@ class Stat:
         return dataclasses.asdict(self)
 
 
+def cost_score(value: float, limit: float) -> float:
+    """A cost's score against `limit` (< 1 meets it). A cost can measure at or below zero in a
+    noisy repeat (an overhead is a difference of two times); on the plot's log scale it sits at a
+    thousandth of the limit."""
+    return max(value / limit, 1e-3)
+
+
 def score_range(values: Sequence[float], limit: float, higher_is_better: bool = False
                 ) -> Optional[Tuple[float, float]]:
-    """The (best, worst) repeat as a score against `limit` (< 1 meets it), for the plot's min–max bar.
-
-    A cost can measure at or below zero in a noisy repeat (an overhead is a difference of two
-    times); on the plot's log scale it sits at a thousandth of the limit.
-    """
+    """The (best, worst) repeat as a score against `limit` (< 1 meets it), for the plot's min–max bar."""
     values = [v for v in values if v is not None]
     if higher_is_better:
         scores = [limit / v for v in values if v > 0]
     else:
-        scores = [max(v / limit, 1e-3) for v in values]
+        scores = [cost_score(v, limit) for v in values]
     return (min(scores), max(scores)) if scores else None
 
 

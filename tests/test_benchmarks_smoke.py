@@ -49,6 +49,17 @@ def test_paired_ratios_and_table():
         common.markdown_table(["a"], [["1", "2"]])
 
 
+def test_a_cost_measured_below_zero_scores_inside_its_whisker():
+    """An overhead is a difference of two times: on a noisy machine its median can be negative, and
+    the plot must still draw it (log scale), at the foot of its min–max bar."""
+    values = (-14.5, -6.9, 0.7)
+    target = common.Target("overhead", "-6.9 µs", True, common.cost_score(-6.9, 2.0),
+                           common.score_range(values, 2.0))
+    assert target.score == 1e-3 and target.score_range == (1e-3, 0.35)
+    best, worst = target.score_range
+    assert 0 < best <= target.score <= worst
+
+
 def test_interleaved_pairs_subjects_with_anchor():
     calls = []
 
