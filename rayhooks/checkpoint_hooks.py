@@ -416,7 +416,10 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
       in_flight: "skip" (TF1's behaviour: a save that finds the previous one
         still being written is skipped, logged and counted in `skipped_saves`)
         or "wait" (the loop waits for room).
-      max_in_flight: snapshots held in memory at once (default 1).
+      max_in_flight: snapshots held in memory at once (default 1). Under
+        `launch`, a writer also holds at most `max_in_flight + 1` saves the
+        chief has not yet committed and run `after_save` on: a slower
+        listener holds back the saves (skipped or waited for, by `in_flight`).
       max_in_flight_bytes: byte budget for those snapshots (default: no limit
         beyond `max_in_flight`). A save is admitted by the size of the
         previous snapshot (the whole budget before the first): the first save

@@ -14,7 +14,10 @@ and the local backend calls it from a thread. Its life:
     finish()                      -> listeners.end; hooks.end(session); the result
 
 Checkpoint listeners see `before_save(S)` when S is announced, before any
-worker snapshots it, and `after_save(S)` once S is committed.
+worker snapshots it, and `after_save(S)` once S is committed. Only then is S
+settled with the writers, which hold at most `max_in_flight + 1` unsettled
+saves each: a slow `after_save` holds back the saves, as in TF1, rather
+than letting uncommitted checkpoints pile up in storage.
 """
 
 import json
@@ -224,6 +227,18 @@ class Chief:
         for i in range(self.num_workers):
             self._send(i, update)
 
+    def _settle(self, step: Optional[int], failed: bool = False) -> None:
+        """Tells the writers that their saves up to `step` (None: all) need this chief no more.
+
+        `failed`: nor will any later one (the chief ignores reports once it failed).
+        """
+        ck = self.spec.checkpoint
+        if ck is None:
+            return
+        update = {"settled": step, "chief_failed": True} if failed else {"settled": step}
+        for i in range(self.num_workers if ck.all_workers_write else 1):
+            self._send(i, update)
+
     # -- reports --------------------------------------------------------------
 
     def report(self, *args, **kwargs) -> None:
@@ -244,6 +259,7 @@ class Chief:
         self._failure = error
         self.errors.append("chief: %r" % (error,))
         try:
+            self._settle(None, failed=True)  # no save commits any more: none may wait for one
             self._broadcast((), self.planner.request_stop(max(self.progress.values(), default=0), self._margin()))
         except Exception:  # noqa: BLE001 -- the first error is the one to report
             logger.exception("could not stop the workers after the chief failed")
@@ -270,8 +286,8 @@ class Chief:
         ck = self.spec.checkpoint
         writes = ck is not None and (worker == 0 or ck.all_workers_write)
         for s in (skipped if writes else ()):
-            self._cancel(s, "worker %d skipped it (its previous save was still in flight, or the plan "
-                            "reached it late)" % worker)
+            self._cancel(s, "worker %d skipped it (its previous save was still in flight or not yet "
+                            "committed, or the plan reached it late)" % worker)
         for s in (failed if writes else ()):
             self.failed_saves += 1
             self._cancel(s, "worker %d could not write it; the next save retries "
@@ -400,6 +416,7 @@ class Chief:
         ck = self.spec.checkpoint
         if step in self.committed:
             logger.warning("[step=%d] already committed; ignoring a second set of shards", step)
+            self._settle(step)
             return
         if self.committed and step < max(self.committed):
             # Its shards arrived after a newer commit (a report retried across a chief restart):
@@ -410,6 +427,7 @@ class Chief:
             self.skipped_saves += 1
             self._announced.pop(step * 2, None)
             self.planner.done(Action(step, CHECKPOINT))
+            self._settle(step)
             return
         try:
             info = ck.store.commit(step, files, extra={
@@ -427,6 +445,7 @@ class Chief:
             self.planner.done(Action(step, CHECKPOINT))
             logger.error("[step=%d] its shards were written, but committing it failed (%s); training goes on "
                          "and the next save retries (on_write_error='retry_next_save')", step, e)
+            self._settle(step)
             return
         self.committed.append(step)
         self._last_checkpoint_step = step
@@ -445,6 +464,7 @@ class Chief:
         writer.add_session_log("CHECKPOINT", step, checkpoint_path=ck.store.storage.url_of(ck.store.basename))
         self._write_health(writer, step, info)
         self._dispatch_after_save(step)
+        self._settle(step)  # after after_save: a slower listener than the save period holds back saves
         rule = self._rules.get(CHECKPOINT)
         if rule is not None:  # the next save on the rule hears before_save now, before it can commit
             nxt = step + rule.every
@@ -521,6 +541,9 @@ class Chief:
             self._before_saved.update(s for s in range(max(0, step - 1), step + 1))
             self.session.latest_checkpoint = info.url
             self._dispatch_after_save(info.step)
+        # What the workers reported to the chief before this one is lost: none of their saves
+        # may wait for it, or they would wait (or skip every save) for good.
+        self._settle(None)
         self._recovered = True
 
     def _cancel(self, step: int, why: str, skipped: bool = True) -> None:
@@ -530,6 +553,7 @@ class Chief:
             self._shards.pop(step, None)
             self._shard_health.pop(step, None)
             self.planner.done(Action(step, CHECKPOINT))
+            self._settle(step)  # the other writers' shards of it will never commit
             logger.info("[step=%d] checkpoint skipped: %s", step, why)
 
     # -- the end --------------------------------------------------------------

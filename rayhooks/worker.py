@@ -14,6 +14,14 @@ are picked up by the same compare. On a planned checkpoint step the worker
 copies its state to host memory (the only blocking part) and its background
 writer persists it, then tells the chief the shard is durable.
 
+A writer keeps count of its saves the chief has not yet settled (committed
+and run `after_save` on, or given up). At most `max_in_flight + 1` wait for
+the chief; a save beyond that is skipped (`in_flight="skip"`) or waits
+(`in_flight="wait"`, `CheckpointSaverHook`), as in TF1, where `after_save`
+runs before the next save starts. A slow or hung listener therefore bounds
+what piles up in storage instead of leaving one uncommitted checkpoint per
+save period.
+
 A stop requested by a worker hook is sent to the chief, which picks a step
 that every worker can still reach; all workers stop after that same step, so
 collective ops in `MultiWorkerMirroredStrategy` never wait on a worker that
@@ -38,6 +46,7 @@ from rayhooks.writer import BackgroundWriter, background_error
 logger = logging.getLogger("rayhooks")
 
 _NEVER = float("inf")
+SLOW_CHIEF_WARN_SECS = 30.0  # a save that waits this long for the chief's commits says why, once
 
 
 class WorkerAgent(SessionRunHook):
@@ -50,6 +59,9 @@ class WorkerAgent(SessionRunHook):
         self._interval = report_interval
         self._clock = clock
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified as the chief settles saves
+        self._unsettled = []               # this writer's saves since submitted, until the chief settles them
+        self._chief_failed = False         # the chief commits nothing more: no save waits for it
         self._actions = []                 # heap of (step, kind, fetches)
         self._next_step = _NEVER           # read per step without the lock: a plain attribute
         self._stop_step = _NEVER
@@ -116,6 +128,12 @@ class WorkerAgent(SessionRunHook):
                 heapq.heappush(self._actions, (action.step, action.kind, action.fetches, action.every))
             if update.get("stop_step") is not None:
                 self._stop_step = min(self._stop_step, update["stop_step"])
+                self._settled.notify_all()  # a save waiting for the chief gives up if the run stops
+            if "settled" in update:  # every save up to that step (None: every save) needs the chief no more
+                upto = update["settled"]
+                self._unsettled = [] if upto is None else [s for s in self._unsettled if s > upto]
+                self._chief_failed = self._chief_failed or bool(update.get("chief_failed"))
+                self._settled.notify_all()
             if update.get("report_in") is not None:  # a seconds deadline: report right after it
                 self._report_by = self._clock() + update["report_in"]
                 self._next_report = min(self._next_report, self._report_by)
@@ -208,7 +226,9 @@ class WorkerAgent(SessionRunHook):
         estimate = getattr(self, "_last_nbytes", 0)
         # The final save waits for room even with in_flight="skip", as AsyncCheckpointSaverHook.end
         # does: skipping it would end the run on an older checkpoint than its last step.
-        if not writer.admit(estimate, wait=final or not ck.asynchronous or ck.in_flight == "wait"):
+        wait = final or not ck.asynchronous or ck.in_flight == "wait"
+        if not (final or self._preempted or self._room_at_chief(step, wait)) \
+                or not writer.admit(estimate, wait=wait):
             self._skipped.append(step)
             return
         started = time.perf_counter()
@@ -223,6 +243,12 @@ class WorkerAgent(SessionRunHook):
             began = time.perf_counter()
             try:
                 files = store.write_data(step, snapshot.tensors, prefix=shard_prefix, on_bytes=writer.advance)
+            except BaseException:
+                with self._lock:  # never reported, so never settled: it waits for nobody
+                    if step in self._unsettled:
+                        self._unsettled.remove(step)
+                    self._settled.notify_all()
+                raise
             finally:
                 snapshot.done()
             health = {"stall_ms": 1e3 * stall, "persist_secs": time.perf_counter() - began,
@@ -234,6 +260,8 @@ class WorkerAgent(SessionRunHook):
             self._wake()  # the chief commits once every shard is reported: report it at the next step
             return files
 
+        with self._lock:
+            self._unsettled.append(step)
         future = writer.submit(step, estimate, persist)
         if not ck.asynchronous:
             try:
@@ -241,6 +269,42 @@ class WorkerAgent(SessionRunHook):
             except BaseException:
                 if not self._check_writer():  # raises under on_write_error='raise'
                     raise
+
+    def _room_at_chief(self, step, wait) -> bool:
+        """Whether fewer than `max_in_flight + 1` of this writer's saves wait for the chief.
+
+        With `wait`, waits for it, reporting this worker's durable shards as they
+        come (the chief commits nothing it has not heard of); gives up (False)
+        once the chief has stopped the run at or before `step`.
+        """
+        limit = self.spec.checkpoint.max_in_flight + 1
+        started = self._clock()
+        warned = False
+        while True:
+            with self._lock:
+                if len(self._unsettled) < limit or self._chief_failed or self._preempted:
+                    return True  # a preempted worker's emergency save waits for no commit
+                if not wait or self._aborted or self._stop_step <= step:
+                    if wait:
+                        logger.info("[step=%d] the run stops here: not waiting for the chief any more", step)
+                    else:
+                        logger.info("[step=%d] checkpoint skipped: the chief has not yet committed steps %s "
+                                    "(a CheckpointSaverListener's after_save is slower than the save period)",
+                                    step, self._unsettled)
+                    return False
+                self._settled.wait(self._interval if self._interval > 0 else 0.05)
+                unreported = bool(self._shards)
+            if self._writer.failed:
+                self._check_writer()  # raises under on_write_error='raise'
+            now = self._clock()
+            if unreported or now >= self._next_report:
+                self.flush_report(step)
+            if not warned and now - started >= SLOW_CHIEF_WARN_SECS:
+                warned = True
+                logger.warning("[step=%d] training waits for the chief to commit steps %s: a "
+                               "CheckpointSaverListener's after_save is slower than the save period (in_flight="
+                               "'wait' and CheckpointSaverHook wait for it, as TF1 does; AsyncCheckpointSaverHook "
+                               "with in_flight='skip' skips saves instead)", step, self._unsettled)
 
     def flush_report(self, step, wait=False, preempted=False) -> None:
         if self._writer is not None and self._writer.failed:

@@ -301,6 +301,137 @@ def test_listener_stop_ends_every_worker_at_the_same_step(backend, ckpt_dir, tmp
     assert events[-1] == ("end", stop)
 
 
+# -- 3b. a listener slower than the save period ---------------------------------------------------
+
+class _Signal:
+    """An Event that the chief's listener and a worker's loop can share: a threading.Event
+    in one process, a Ray queue holding one item across processes."""
+
+    def __init__(self, backend):
+        self._event = None
+        self._queue = None
+        if backend == "ray":
+            from ray.util.queue import Queue
+            self._queue = Queue()
+        else:
+            self._event = threading.Event()
+
+    def set(self):
+        if self._event is not None:
+            self._event.set()
+        elif self._queue.empty():
+            self._queue.put(True)
+
+    def is_set(self):
+        return self._event.is_set() if self._event is not None else not self._queue.empty()
+
+    def __deepcopy__(self, memo):  # the local backend copies each worker's hooks: they share it
+        return self
+
+    def wait(self, timeout):
+        if self._event is not None:
+            return self._event.wait(timeout)
+        from ray.util.queue import Empty
+        try:
+            self._queue.put(self._queue.get(timeout=timeout))  # put back: it stays set
+        except Empty:
+            return False
+        return True
+
+
+def _uncommitted_steps(url):
+    """Steps whose data files are in the directory without a commit (the chief has not made them checkpoints)."""
+    import re
+    path = url[len("file://"):]
+    written = {int(m.group(1)) for name in os.listdir(path)
+               for m in [re.match(r"model\.ckpt-(\d+)\.data-", name)] if m}
+    return sorted(written - {i.step for i in _committed(url)})
+
+
+class _HoldAfterSave(StopAfterSave):
+    """after_save(step) holds the chief until `release` is set (or `hold_secs` pass), then logs
+    whether it was released and which written steps were still uncommitted."""
+
+    def __init__(self, step, entered, release, hold_secs, ckpt_dir, path):
+        super().__init__(None, path)
+        self.held_step, self.entered, self.release, self.hold_secs = step, entered, release, hold_secs
+        self.ckpt_dir = ckpt_dir
+
+    def after_save(self, session, step):
+        if step == self.held_step:
+            self.entered.set()
+            released = self.release.wait(self.hold_secs)
+            self._log("held", step, released, _uncommitted_steps(self.ckpt_dir))
+        return super().after_save(session, step)
+
+
+class _ReleaseAfter(rh.SessionRunHook):
+    """On worker 0: sets `release` `steps` steps after it saw `entered` set, and asks every
+    worker to stop `steps` steps after that."""
+
+    def __init__(self, entered, release, steps):
+        self.entered, self.release, self.steps = entered, release, steps
+        self.seen_at = None
+        self.released = False
+
+    def after_run(self, run_context, run_values):
+        session = run_context.session
+        if session.worker_index != 0:
+            return
+        step = session.global_step
+        if self.seen_at is None:
+            if self.entered.is_set():
+                self.seen_at = step
+            return
+        if not self.released and step >= self.seen_at + self.steps:
+            self.release.set()
+            self.released = True
+        if step >= self.seen_at + 2 * self.steps:
+            run_context.request_stop()
+
+
+def test_a_listener_slower_than_the_save_period_bounds_the_uncommitted_saves(backend, ckpt_dir, tmp_path):
+    """While after_save(0) holds the chief, the worker trains 40 steps, a save due every 2: with
+    in_flight="skip" it writes at most max_in_flight + 1 = 2 saves the chief has not committed and skips
+    the rest (TF1's async hook skips while a save and its listeners are in progress), instead of leaving
+    one uncommitted checkpoint in storage per save period. Once the listener returns, saves resume."""
+    log = tmp_path / "listener.jsonl"
+    entered, release = _Signal(backend), _Signal(backend)
+    hold = _HoldAfterSave(0, entered, release, WAIT_SECS, ckpt_dir, log)
+    result = rh.launch(count_steps, 1, backend=backend,
+                       chief_only_hooks=[rh.AsyncCheckpointSaverHook(ckpt_dir, save_steps=2, listeners=[hold])],
+                       hooks=[_ReleaseAfter(entered, release, 40), rh.StopAtStepHook(last_step=100000)])
+    events = _read_log(log)
+    (held,) = [e for e in events if e[0] == "held"]
+    _, _, released, uncommitted = held
+    assert released, "worker 0 never trained 40 steps while after_save(0) held the chief"
+    assert 1 <= len(uncommitted) <= 2, uncommitted
+    assert result.skipped_saves >= 15
+    assert result.checkpoints[-1] == result.last_step          # saves went on once the listener returned
+    assert len(result.checkpoints) > 2
+    assert [e[1] for e in events if e[0] == "after_save"] == result.checkpoints
+    assert _uncommitted_steps(ckpt_dir) == []
+
+
+def test_a_slow_listener_holds_back_a_waiting_saver_as_tf1s_does(backend, ckpt_dir, tmp_path):
+    """CheckpointSaverHook (in_flight="wait") under a listener slower than the save period: the
+    workers' saves wait for the chief once 2 await it, so worker 0 cannot train 10 steps while
+    after_save(0) holds the chief; the listener gives up waiting for that after 3 s. Then every
+    planned save is committed, none skipped (TF1 runs after_save before the loop goes on)."""
+    log = tmp_path / "listener.jsonl"
+    entered, reached = _Signal(backend), _Signal(backend)
+    hold = _HoldAfterSave(0, entered, reached, 3.0, ckpt_dir, log)
+    result = rh.launch(count_steps, 1, backend=backend,
+                       chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=2, listeners=[hold])],
+                       hooks=[_ReleaseAfter(entered, reached, 10), rh.StopAtStepHook(last_step=100000)])
+    (held,) = [e for e in _read_log(log) if e[0] == "held"]
+    _, _, reached_step_10, uncommitted = held
+    assert not reached_step_10, "worker 0 trained 10 steps while the chief was held in after_save(0)"
+    assert uncommitted == [2]  # step 4 waits for after_save(0) to return
+    assert result.checkpoints == tf1_checkpoint_steps(0, 2, result.last_step)
+    assert result.skipped_saves == 0
+
+
 # -- 4. a worker hook stops the run --------------------------------------------------------------
 
 class StopOnWorker(rh.SessionRunHook):

@@ -251,11 +251,23 @@ class TraceListener(rh.CheckpointSaverListener):
         self.trace.append(("end", step))
 
 
-def _chief(tmp_path, clock, num_workers=2, latency=0.5, all_workers_write=False, **hook_kwargs):
+def _recorder(sent, settled=None):
+    """A chief's `send` that records plans in `sent`, and the writers' settled steps in `settled`
+    (with "failed" where the chief will commit nothing more)."""
+    def send(i, update):
+        if "settled" in update:
+            if settled is not None:
+                settled.append((i, update["settled"]) + (("failed",) if update.get("chief_failed") else ()))
+        else:
+            sent.append((i, update))
+    return send
+
+
+def _chief(tmp_path, clock, num_workers=2, latency=0.5, all_workers_write=False, settled=None, **hook_kwargs):
     listener = TraceListener()
     hook = rh.CheckpointSaverHook(str(tmp_path), clock=clock, listeners=[listener], **hook_kwargs)
     sent = []
-    chief = Chief(build_spec([hook], all_workers_write), num_workers, lambda i, update: sent.append((i, update)),
+    chief = Chief(build_spec([hook], all_workers_write), num_workers, _recorder(sent, settled),
                   report_latency=latency)
     return chief, listener, sent, hook.store
 
@@ -322,7 +334,7 @@ def test_chief_plans_a_secs_save_from_where_stale_workers_are_by_now(tmp_path):
     listener = TraceListener()
     hook = rh.CheckpointSaverHook(str(tmp_path), clock=clock, listeners=[listener], save_secs=60)
     sent = []
-    chief = Chief(build_spec([hook], False), 2, lambda i, update: sent.append((i, update)),
+    chief = Chief(build_spec([hook], False), 2, _recorder(sent),
                   clock=chief_clock, report_latency=0.05, report_interval=0.5)
     chief.start()
     chief.workers_created(0)
@@ -489,3 +501,81 @@ def test_a_chief_restarted_between_two_writers_shards_fails_the_run_rather_than_
                                            r"launch again with the same checkpoint_dir"):
         restarted.finish()
     assert store.latest().step == 0 and store.verify(store.latest()) == []
+
+
+# -- settling saves with the writers: what bounds uncommitted checkpoints behind a slow listener --
+
+class _SeesSettled(TraceListener):
+    """Records, in after_save, what the writers had been told was settled by then."""
+
+    def __init__(self, settled):
+        super().__init__()
+        self.settled = settled
+        self.settled_in_after_save = {}
+
+    def after_save(self, session, step):
+        super().after_save(session, step)
+        self.settled_in_after_save[step] = list(self.settled)
+
+
+@pytest.mark.parametrize("all_workers_write", [False, True])
+def test_chief_settles_a_save_with_its_writers_only_after_after_save_returned(tmp_path, all_workers_write):
+    settled = []
+    chief, _, sent, store = _chief(tmp_path, rh.ManualClock(), all_workers_write=all_workers_write,
+                                   settled=settled, save_steps=5)
+    listener = _SeesSettled(settled)
+    chief.spec.checkpoint.listeners.append(listener)
+    chief.start()
+    chief.workers_created(0)
+    writers = [0, 1] if all_workers_write else [0]
+    for w in writers:
+        chief.report(w, 1, 1.0, {}, [_shard(store, 0, w)], {})
+    assert chief.committed == [0]
+    assert listener.settled_in_after_save[0] == []         # after_save(0) ran before anything was settled
+    assert settled == [(w, 0) for w in writers]             # then every writer heard of it, and only writers
+    del settled[:]
+    for w in writers:
+        chief.report(w, 6, 2.0, {}, [_shard(store, 5, w)], {})
+    assert listener.settled_in_after_save[5] == []
+    assert settled == [(w, 5) for w in writers]
+
+
+def test_chief_settles_skipped_failed_and_late_saves_so_no_writer_waits_for_them(tmp_path):
+    settled = []
+    chief, _, sent, store = _chief(tmp_path, rh.ManualClock(), all_workers_write=True, settled=settled,
+                                   save_steps=5)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0, 0)], {})
+    chief.report(1, 1, 1.0, {}, [_shard(store, 0, 1)], {})
+    del settled[:]
+    chief.report(0, 6, 2.0, {}, [_shard(store, 5, 0)], {})  # worker 0 wrote step 5 ...
+    assert settled == []
+    chief.report(1, 6, 2.0, {}, [], {}, skipped=(5,))       # ... worker 1 skipped it: it never commits
+    assert settled == [(0, 5), (1, 5)]
+    del settled[:]
+    chief.report(1, 11, 3.0, {}, [], {}, failed=(10,))      # a write that failed (retry_next_save)
+    assert settled == [(0, 10), (1, 10)]
+
+
+def test_a_restarted_or_failed_chief_settles_every_save(tmp_path):
+    """A restarted chief never hears of the shards reported to the one before; a failed one commits nothing."""
+    settled = []
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), save_steps=5)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0)], {})
+    restarted = Chief(chief.spec, 2, _recorder([], settled), report_latency=0.5)
+    restarted.recover()
+    assert settled == [(0, None)]
+
+    class Raises(rh.CheckpointSaverListener):
+        def after_save(self, session, step):
+            raise ValueError("the evaluation failed")
+
+    del settled[:]
+    restarted.spec.checkpoint.listeners.append(Raises())
+    restarted.report(0, 6, 2.0, {}, [_shard(store, 5)], {})
+    assert settled == [(0, None, "failed")]                  # after_save(5) raised: no later save commits
+    with pytest.raises(ValueError, match="the evaluation failed"):
+        restarted.finish()
