@@ -145,8 +145,11 @@ class Chief:
             self._summary_writer.add_session_log("START", start_step + 1)
         if recovering:
             latest = self.spec.checkpoint.store.latest() if self.spec.checkpoint is not None else None
-            return {"actions": self._rules_after(None if latest is None else latest.step),
-                    "stop_step": self.planner.stop_step}
+            first = {"actions": self._rules_after(None if latest is None else latest.step),
+                     "stop_step": self.planner.stop_step}
+            if self._failure is not None:  # it ignores their reports: no save of theirs may wait for it
+                first.update(settled=None, chief_failed=True)
+            return first
         stop = self.planner.initial_stop()
         actions = self.planner.tick(start_step, self.planner.min_margin)
         if self.session.latest_checkpoint is not None:
@@ -543,7 +546,11 @@ class Chief:
             self._dispatch_after_save(info.step)
         # What the workers reported to the chief before this one is lost: none of their saves
         # may wait for it, or they would wait (or skip every save) for good.
-        self._settle(None)
+        try:
+            self._settle(None)
+        except Exception as e:  # noqa: BLE001 -- a worker gone with the chief: its group is replaced anyway
+            logger.warning("[step=%d] could not tell the workers that the restarted chief waits for none of "
+                           "their earlier saves (%s); a worker group started from here hears of none", step, e)
         self._recovered = True
 
     def _cancel(self, step: int, why: str, skipped: bool = True) -> None:

@@ -61,6 +61,7 @@ class WorkerAgent(SessionRunHook):
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)  # notified as the chief settles saves
         self._unsettled = []               # this writer's saves since submitted, until the chief settles them
+        self._settled_upto = -1            # the newest step the chief settled
         self._chief_failed = False         # the chief commits nothing more: no save waits for it
         self._actions = []                 # heap of (step, kind, fetches)
         self._next_step = _NEVER           # read per step without the lock: a plain attribute
@@ -131,6 +132,8 @@ class WorkerAgent(SessionRunHook):
                 self._settled.notify_all()  # a save waiting for the chief gives up if the run stops
             if "settled" in update:  # every save up to that step (None: every save) needs the chief no more
                 upto = update["settled"]
+                if upto is not None:  # it can overtake this writer's own save of that step (see _save)
+                    self._settled_upto = max(self._settled_upto, upto)
                 self._unsettled = [] if upto is None else [s for s in self._unsettled if s > upto]
                 self._chief_failed = self._chief_failed or bool(update.get("chief_failed"))
                 self._settled.notify_all()
@@ -227,8 +230,9 @@ class WorkerAgent(SessionRunHook):
         # The final save waits for room even with in_flight="skip", as AsyncCheckpointSaverHook.end
         # does: skipping it would end the run on an older checkpoint than its last step.
         wait = final or not ck.asynchronous or ck.in_flight == "wait"
-        if not (final or self._preempted or self._room_at_chief(step, wait)) \
-                or not writer.admit(estimate, wait=wait):
+        # The final, emergency and stop-step saves are the run's last: they wait for no commit.
+        exempt = final or self._preempted or step >= self._stop_step
+        if not (exempt or self._room_at_chief(step, wait)) or not writer.admit(estimate, wait=wait):
             self._skipped.append(step)
             return
         started = time.perf_counter()
@@ -261,7 +265,10 @@ class WorkerAgent(SessionRunHook):
             return files
 
         with self._lock:
-            self._unsettled.append(step)
+            # Not when the chief settled this step already: another writer skipped it (all_workers_write)
+            # before this one got here, so it never commits and nothing would settle it again.
+            if step > self._settled_upto:
+                self._unsettled.append(step)
         future = writer.submit(step, estimate, persist)
         if not ck.asynchronous:
             try:
@@ -271,26 +278,28 @@ class WorkerAgent(SessionRunHook):
                     raise
 
     def _room_at_chief(self, step, wait) -> bool:
-        """Whether fewer than `max_in_flight + 1` of this writer's saves wait for the chief.
+        """Whether fewer than `max_in_flight + 1` of this writer's saves wait for the chief
+        (to commit them and run `after_save`).
 
-        With `wait`, waits for it, reporting this worker's durable shards as they
-        come (the chief commits nothing it has not heard of); gives up (False)
-        once the chief has stopped the run at or before `step`.
+        Without `wait`, answers at once. With it, waits for room, reporting this
+        worker's durable shards as they come (the chief commits nothing it has not
+        heard of); once the run stops at or before `step`, the save goes ahead (it is
+        the last one), and an aborted worker saves nothing (False).
         """
         limit = self.spec.checkpoint.max_in_flight + 1
         started = self._clock()
         warned = False
         while True:
             with self._lock:
-                if len(self._unsettled) < limit or self._chief_failed or self._preempted:
-                    return True  # a preempted worker's emergency save waits for no commit
-                if not wait or self._aborted or self._stop_step <= step:
-                    if wait:
-                        logger.info("[step=%d] the run stops here: not waiting for the chief any more", step)
-                    else:
-                        logger.info("[step=%d] checkpoint skipped: the chief has not yet committed steps %s "
-                                    "(a CheckpointSaverListener's after_save is slower than the save period)",
-                                    step, self._unsettled)
+                if len(self._unsettled) < limit or self._chief_failed or self._preempted \
+                        or self._stop_step <= step:
+                    return True  # an emergency or last save waits for no commit
+                if self._aborted:
+                    return False
+                if not wait:
+                    logger.info("[step=%d] checkpoint skipped: the chief has not yet committed steps %s and run "
+                                "their after_save (a commit and its listeners take longer than the save period)",
+                                step, self._unsettled)
                     return False
                 self._settled.wait(self._interval if self._interval > 0 else 0.05)
                 unreported = bool(self._shards)
@@ -301,10 +310,11 @@ class WorkerAgent(SessionRunHook):
                 self.flush_report(step)
             if not warned and now - started >= SLOW_CHIEF_WARN_SECS:
                 warned = True
-                logger.warning("[step=%d] training waits for the chief to commit steps %s: a "
-                               "CheckpointSaverListener's after_save is slower than the save period (in_flight="
-                               "'wait' and CheckpointSaverHook wait for it, as TF1 does; AsyncCheckpointSaverHook "
-                               "with in_flight='skip' skips saves instead)", step, self._unsettled)
+                logger.warning("[step=%d] training waits for the chief to commit steps %s and run their "
+                               "after_save: a commit and its listeners take longer than the save period "
+                               "(in_flight='wait' and CheckpointSaverHook wait for them, as TF1 does; "
+                               "AsyncCheckpointSaverHook with in_flight='skip' skips saves instead)",
+                               step, self._unsettled)
 
     def flush_report(self, step, wait=False, preempted=False) -> None:
         if self._writer is not None and self._writer.failed:

@@ -579,3 +579,68 @@ def test_a_restarted_or_failed_chief_settles_every_save(tmp_path):
     assert settled == [(0, None, "failed")]                  # after_save(5) raised: no later save commits
     with pytest.raises(ValueError, match="the evaluation failed"):
         restarted.finish()
+
+
+def test_a_failed_chief_tells_a_new_worker_group_that_no_save_waits_for_it(tmp_path):
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), save_steps=5)
+
+    class Raises(rh.CheckpointSaverListener):
+        def after_save(self, session, step):
+            raise ValueError("the evaluation failed")
+
+    chief.spec.checkpoint.listeners.append(Raises())
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0)], {})
+    chief.workers_lost("worker 1: lost")
+    first = chief.workers_created(0)
+    assert first["settled"] is None and first["chief_failed"]
+
+
+class _NoChief:
+    """A worker's transport whose chief hears nothing."""
+
+    def report(self, *args):
+        pass
+
+    report_and_wait = report
+
+    def worker_end(self, worker, step):
+        return []
+
+
+def _writer_agent(tmp_path, worker=0, **hook_kwargs):
+    from rayhooks.handle import SessionHandle
+    from rayhooks.worker import WorkerAgent
+    spec = build_spec([rh.CheckpointSaverHook("file://" + str(tmp_path), save_steps=5, **hook_kwargs)],
+                      all_workers_write=True)
+    agent = WorkerAgent(worker, spec, _NoChief(), report_interval=0)
+    session = SessionHandle(worker_index=worker, num_workers=2)
+    session.saver = rh.NumpySaver({"w": np.zeros(2, np.float32)})
+    agent.after_create_session(session, None)
+    return agent, session
+
+
+def test_a_settle_that_overtakes_a_writers_own_save_leaves_nothing_waiting(tmp_path):
+    """With all_workers_write, another writer skipped step 5 and the chief settled it with every
+    writer before this one reached step 5: its shard of 5 never commits, so nothing may wait for it."""
+    agent, session = _writer_agent(tmp_path)
+    agent.receive({"settled": 5})
+    for step in (5, 10):
+        session.global_step = step
+        agent._save(session, step)
+    assert agent._unsettled == [10]
+    assert agent._room_at_chief(15, wait=False)  # 10 alone waits for the chief: room for 15
+
+
+def test_a_writer_holds_at_most_max_in_flight_plus_one_unsettled_saves(tmp_path):
+    agent, session = _writer_agent(tmp_path)
+    for step in (5, 10):
+        session.global_step = step
+        agent._save(session, step)
+    assert agent._unsettled == [5, 10]
+    assert not agent._room_at_chief(15, wait=False)
+    agent.receive({"stop_step": 15})
+    assert agent._room_at_chief(15, wait=True)        # the run's last save waits for no commit
+    agent.receive({"settled": 5})
+    assert agent._unsettled == [10] and agent._room_at_chief(20, wait=False)
