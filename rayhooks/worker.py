@@ -291,11 +291,11 @@ class WorkerAgent(SessionRunHook):
         warned = False
         while True:
             with self._lock:
+                if self._aborted:  # a peer failed: this worker stops with no save (its stop step is 0)
+                    return False
                 if len(self._unsettled) < limit or self._chief_failed or self._preempted \
                         or self._stop_step <= step:
                     return True  # an emergency or last save waits for no commit
-                if self._aborted:
-                    return False
                 if not wait:
                     logger.info("[step=%d] checkpoint skipped: the chief has not yet committed steps %s and run "
                                 "their after_save (a commit and its listeners take longer than the save period)",

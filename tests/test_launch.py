@@ -405,7 +405,7 @@ def test_a_listener_slower_than_the_save_period_bounds_the_uncommitted_saves(bac
     (held,) = [e for e in events if e[0] == "held"]
     _, _, released, uncommitted = held
     assert released, "worker 0 never trained 40 steps while after_save(0) held the chief"
-    assert 1 <= len(uncommitted) <= 2, uncommitted
+    assert len(uncommitted) in (1, 2), uncommitted
     assert result.skipped_saves >= 15
     assert result.checkpoints[-1] == result.last_step          # saves went on once the listener returned
     assert len(result.checkpoints) > 2

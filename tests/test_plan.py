@@ -597,24 +597,12 @@ def test_a_failed_chief_tells_a_new_worker_group_that_no_save_waits_for_it(tmp_p
     assert first["settled"] is None and first["chief_failed"]
 
 
-class _NoChief:
-    """A worker's transport whose chief hears nothing."""
-
-    def report(self, *args):
-        pass
-
-    report_and_wait = report
-
-    def worker_end(self, worker, step):
-        return []
-
-
 def _writer_agent(tmp_path, worker=0, **hook_kwargs):
     from rayhooks.handle import SessionHandle
     from rayhooks.worker import WorkerAgent
     spec = build_spec([rh.CheckpointSaverHook("file://" + str(tmp_path), save_steps=5, **hook_kwargs)],
                       all_workers_write=True)
-    agent = WorkerAgent(worker, spec, _NoChief(), report_interval=0)
+    agent = WorkerAgent(worker, spec, _Reports(), report_interval=0)
     session = SessionHandle(worker_index=worker, num_workers=2)
     session.saver = rh.NumpySaver({"w": np.zeros(2, np.float32)})
     agent.after_create_session(session, None)
@@ -644,3 +632,12 @@ def test_a_writer_holds_at_most_max_in_flight_plus_one_unsettled_saves(tmp_path)
     assert agent._room_at_chief(15, wait=True)        # the run's last save waits for no commit
     agent.receive({"settled": 5})
     assert agent._unsettled == [10] and agent._room_at_chief(20, wait=False)
+
+
+def test_an_aborted_writer_waiting_for_the_chief_saves_nothing(tmp_path):
+    agent, session = _writer_agent(tmp_path)
+    for step in (5, 10):
+        session.global_step = step
+        agent._save(session, step)
+    agent.abort()                                     # a peer failed: stop, with no save
+    assert not agent._room_at_chief(15, wait=True)
