@@ -21,6 +21,7 @@ from rayhooks.chief import Chief
 from rayhooks.spec import build_spec
 
 ANNOUNCE_LATENCY_SECS = 0.05  # a chief-to-worker actor call, with room for a loaded node
+CHIEF_PROBE_SECS = 2.0  # how often the driver checks, while workers train, that the chief can still answer
 
 logger = logging.getLogger("rayhooks")
 
@@ -251,18 +252,37 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
             ray.kill(w, no_restart=True)
         workers[:] = []
 
+    def from_chief(ref):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.ActorDiedError as e:
+            raise RuntimeError("the chief actor died for good (Ray restarts it at most max(1, max_failures)=%d "
+                               "times) %s. Ray's error: %s" % (max(1, max_failures), _resume_hint(spec), e)) from e
+
+    def call(name, *args):
+        return from_chief(chief.call.remote(name, *args))
+
     finished = False  # the chief's finish() flushes its summaries; on any other way out the driver asks it to
     try:
-        start = ray.get(chief.call.remote("start"))
+        start = call("start")
         failures = 0
         while True:
             start_workers()
-            first = ray.get(chief.call.remote("workers_created", start or 0))
+            first = call("workers_created", start or 0)
             ray.get([w.receive.remote(first) for w in workers])
             refs = [w.run.remote(train_fn) for w in workers]
-            pending, failure = list(refs), None
+            pending, failure, probe = list(refs), None, None
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+                done, pending = ray.wait(pending, num_returns=1, timeout=CHIEF_PROBE_SECS)
+                if not done:
+                    # Calls to the chief are retried while Ray restarts it, so this probe fails only once
+                    # it is gone for good; workers that wait for its commits would otherwise wait forever.
+                    if probe is not None and ray.wait([probe], timeout=0)[0]:
+                        from_chief(probe)
+                        probe = None
+                    if probe is None:
+                        probe = chief.alive.remote()
+                    continue
                 try:
                     ray.get(done[0])
                 except Exception as e:
@@ -270,10 +290,10 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                     failure = (getattr(cause, "worker_index", refs.index(done[0])), cause)
                     break
             if failure is None:
-                if ray.get(chief.call.remote("needs_restart")) and failures < max_failures:
+                if call("needs_restart") and failures < max_failures:
                     failures += 1  # preempted: resume on a fresh worker group from the emergency save
                     stop_workers()
-                    ray.get(chief.call.remote("workers_lost", "a worker was preempted (SIGTERM)"))
+                    call("workers_lost", "a worker was preempted (SIGTERM)")
                     start = _latest_step(spec)
                     continue
                 break
@@ -281,19 +301,19 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
             stop_workers()
             if failures < max_failures:
                 failures += 1
-                ray.get(chief.call.remote("workers_lost", "worker %d: %s" % (index, str(cause)[:500])))
+                call("workers_lost", "worker %d: %s" % (index, str(cause)[:500]))
                 start = _latest_step(spec)
                 continue
-            ray.get(chief.call.remote("worker_failed", index, str(cause)))
+            call("worker_failed", index, str(cause))
             finished = True
-            ray.get(chief.call.remote("finish"))
+            call("finish")
             if not isinstance(cause, WorkerError):  # the actor or its node died: Ray's error names neither
                 raise RuntimeError("worker %d died (its actor or node was lost, and max_failures=%d restarts "
                                    "were used) %s. Ray's error: %s"
                                    % (index, max_failures, _resume_hint(spec), cause)) from cause
             raise cause from getattr(cause, "original", None)
         finished = True
-        summary = ray.get(chief.call.remote("finish"))
+        summary = call("finish")
         return _result(summary, ray.get(refs))
     finally:
         stop_workers()

@@ -38,6 +38,9 @@ class _ChiefActor:
     def connect(self, workers):
         self._workers = list(workers)
 
+    def alive(self):
+        return True
+
     def call(self, name, *args):
         return getattr(self.chief, name)(*args)
 

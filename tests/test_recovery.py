@@ -171,6 +171,40 @@ def test_ray_chief_killed_mid_run_restarts_and_never_repeats_after_save(ray_sess
         assert float(store.reader(info).read_tensors()["w"][0]) == info.step
 
 
+class CrashChiefFrom(rh.CheckpointSaverListener):
+    """Records each after_save in a file and, from `at_step` on, kills the chief's process every time."""
+
+    def __init__(self, log_path, at_step):
+        self.log_path, self.at_step = log_path, at_step
+
+    def after_save(self, session, step):
+        with open(self.log_path, "a") as f:
+            f.write("%d\n" % step)
+        if step >= self.at_step:
+            os._exit(1)
+
+
+@pytest.mark.timeout(180, method="thread")  # a regression hangs in ray.wait, which the signal method cannot interrupt
+def test_ray_chief_dead_for_good_fails_the_run_instead_of_leaving_a_waiting_save_hanging(ray_session, tmp_path):
+    """With in_flight='wait', a worker waits for the chief to settle its saves; once Ray has used up
+    the chief's restarts nothing would tell it to stop waiting, and before the driver watched the
+    chief this run hung until the test's timeout."""
+    import ray
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ckpt, log = str(tmp_path / "ckpt"), str(tmp_path / "after_save.log")
+    with pytest.raises(RuntimeError) as error:
+        rh.launch(_slow_train, 1, backend="ray", max_failures=0, tf_config=False,
+                  chief_only_hooks=[rh.AsyncCheckpointSaverHook(
+                      ckpt, save_steps=10, in_flight="wait", listeners=[CrashChiefFrom(log, 20)])],
+                  hooks=[rh.StopAtStepHook(last_step=100_000)])
+    seen = [int(line) for line in open(log).read().split()]
+    assert seen[-2] == 20 and seen[-1] > 20, seen  # it died at two commits: the first restart, then for good
+    message = str(error.value)
+    assert "chief actor died for good" in message and "max(1, max_failures)=1" in message, message
+    assert "after step %d was committed in %s" % (seen[-1], ckpt) in message, message
+    assert isinstance(error.value.__cause__, ray.exceptions.ActorDiedError)
+
+
 class PreemptWorkerOnce(rh.CheckpointSaverListener):
     """On the chief: after `at_step` commits, sends SIGTERM to worker 1's process (a preemption)."""
 
