@@ -13,6 +13,7 @@ from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.checkpoint_hooks import AsyncCheckpointSaverHook, CheckpointSaverHook
 from rayhooks.checkpoints import CheckpointStore
 from rayhooks.summary_hook import SummarySaverHook
+from rayhooks.summary_writer import SummaryWriter
 from rayhooks.timer import SecondOrStepTimer
 
 
@@ -36,6 +37,7 @@ class SummarySpec:
     timer: SecondOrStepTimer
     fetches: Tuple[str, ...]
     storage_options: Optional[dict] = None
+    writer: Optional[SummaryWriter] = None  # the hook's own summary_writer; it pickles as its settings
 
 
 @dataclasses.dataclass
@@ -65,14 +67,21 @@ def build_spec(chief_hooks: List, all_workers_write: bool = False) -> RunSpec:
                 all_workers_write=all_workers_write, on_write_error=hook._on_write_error,
                 save_on_signals=hook._save_on_signals)
         elif isinstance(hook, SummarySaverHook):
-            if summary is not None or not hook._output_dir:
-                raise ValueError("launch supports one SummarySaverHook, with output_dir set")
+            writer = hook._summary_writer
+            if summary is not None or not (hook._output_dir or writer is not None):
+                raise ValueError("launch supports one SummarySaverHook, with output_dir or summary_writer set")
+            if writer is not None and not isinstance(writer, SummaryWriter):
+                raise ValueError("under launch, summary_writer must be an rh.SummaryWriter: the chief writes "
+                                 "the summaries, in its own process; got %r" % (writer,))
             ops = hook._get_summary_op()
             ops = [ops] if isinstance(ops, str) else list(ops or [])
             if not all(isinstance(op, str) for op in ops):
                 raise ValueError("under launch, summary_op must name step outputs (strings): the values "
                                  "are fetched on worker 0 and written by the chief; got %r" % (ops,))
-            summary = SummarySpec(hook._output_dir, hook._timer, tuple(ops), hook._storage_options)
+            if writer is not None:
+                summary = SummarySpec(writer.url, hook._timer, tuple(ops), writer.storage.storage_options, writer)
+            else:
+                summary = SummarySpec(hook._output_dir, hook._timer, tuple(ops), hook._storage_options)
         elif isinstance(hook, StopAtStepHook):
             if hook._last_step is None:
                 raise ValueError("under launch, give StopAtStepHook(last_step=...): num_steps depends on "

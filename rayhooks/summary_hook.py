@@ -29,7 +29,8 @@ class SummarySaverHook(SessionRunHook):
     text summary by its value), a callable called on trigger steps with the
     step's outputs (or nothing) that returns a `Summary`, bytes or a dict of
     tag -> value, or TF1 serialized `Summary` bytes. `output_dir` is a directory URL;
-    `summary_writer` a writer of your own instead. rayhooks' keyword-only
+    `summary_writer` a writer of your own instead (under `launch`, an
+    `rh.SummaryWriter`: the chief writes with its settings). rayhooks' keyword-only
     extras: `clock` (for the seconds schedule) and `storage_options`.
     """
 

@@ -37,6 +37,9 @@ class SummaryWriter:
     current one at least this large. None (the default) means 8 MB on an
     object store, where every flush uploads the whole file, and no limit on
     a local disk, where flushes append; 0 means no limit.
+
+    A writer pickled to another process (a launched run's chief) arrives as
+    that process's `SummaryWriterCache` writer for the same URL and settings.
     """
 
     def __init__(self, url, storage_options=None, flush_secs=120, clock=time.time, max_file_bytes=None):
@@ -219,6 +222,15 @@ class SummaryWriter:
         self._raise_if_failed()
         self._flush_pending()
 
+    def __deepcopy__(self, memo):
+        return self  # one writer per events file: copies of hooks (a local run's) share it
+
+    def __reduce__(self):
+        # A writer sent to another process (a launched run's chief) arrives there as the
+        # process's shared writer for the same directory and settings; unflushed records stay here.
+        return _shared_writer, (self.storage.url, self.storage.storage_options, self.flush_secs,
+                                self.max_file_bytes)
+
     def close(self):
         self._closed.set()
         if self._thread is not None:
@@ -246,12 +258,18 @@ class SummaryWriterCache:
     _writers = {}
 
     @classmethod
-    def get(cls, url, storage_options=None):
+    def get(cls, url, storage_options=None, *, flush_secs=120, max_file_bytes=None):
+        """The writer for `url`, made with these settings by the first call that names the directory."""
         key = Storage(url).url
         with cls._lock:
             writer = cls._writers.get(key)
             if writer is None:
-                writer = cls._writers[key] = SummaryWriter(url, storage_options)
+                writer = cls._writers[key] = SummaryWriter(url, storage_options, flush_secs,
+                                                           max_file_bytes=max_file_bytes)
+            elif max_file_bytes is not None and max_file_bytes != writer.max_file_bytes:
+                logger.warning("the summary writer for %s already starts new files at max_file_bytes=%d; "
+                               "max_file_bytes=%d is ignored (one writer per directory)",
+                               key, writer.max_file_bytes, max_file_bytes)
             return writer
 
     @classmethod
@@ -272,6 +290,10 @@ class SummaryWriterCache:
                 writer.flush()
             except Exception as e:  # at exit, or on the way out of a failed run: no one left to raise to
                 logger.error("could not flush summaries to %s %s: %s", writer.url, when, e)
+
+
+def _shared_writer(url, storage_options, flush_secs, max_file_bytes):
+    return SummaryWriterCache.get(url, storage_options, flush_secs=flush_secs, max_file_bytes=max_file_bytes)
 
 
 def _flush_all_at_exit():

@@ -570,6 +570,44 @@ def test_summary_steps_match_tf1_and_tensorboard_reads_them(backend, ckpt_dir, t
     assert result.checkpoints == tf1_checkpoint_steps(0, 4, 10)
 
 
+def test_a_summary_writer_of_your_own_writes_the_summaries_with_its_settings(backend, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logdir = str(tmp_path / "logs")
+    writer = rh.SummaryWriter(logdir, flush_secs=7, max_file_bytes=0)
+    rh.launch(count_steps, 2, backend=backend,
+              chief_only_hooks=[rh.SummarySaverHook(save_steps=3, summary_writer=writer, summary_op=["loss"])],
+              hooks=[rh.StopAtStepHook(last_step=10)])
+    accumulator = EventAccumulator(logdir)
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("loss")] == [1, 4, 7, 10]
+    if backend == "local":  # the chief runs here and writes through the very object
+        assert writer.file_url is not None and writer.file_url.startswith(logdir)
+
+
+def test_a_summary_writer_pickles_as_the_shared_writer_with_the_same_settings(tmp_path):
+    """How a writer of your own reaches a Ray chief: as that process's writer for its directory."""
+    import pickle
+    logdir = str(tmp_path / "logs")
+    sent = pickle.loads(pickle.dumps(rh.SummaryWriter(logdir, flush_secs=7, max_file_bytes=123)))
+    try:
+        assert sent is rh.SummaryWriterCache.get(logdir)
+        assert (sent.url, sent.flush_secs, sent.max_file_bytes) == (logdir, 7, 123)
+    finally:
+        rh.SummaryWriterCache.clear()
+
+
+def test_a_summary_writer_under_launch_must_be_a_rayhooks_one(tmp_path):
+    class FileWriterLike:
+        def add_summary(self, summary, global_step=None):
+            pass
+
+    with pytest.raises(ValueError, match="summary_writer must be an rh.SummaryWriter"):
+        rh.launch(count_steps, 1, backend="local",
+                  chief_only_hooks=[rh.SummarySaverHook(save_steps=3, summary_writer=FileWriterLike(),
+                                                        summary_op=["loss"])],
+                  hooks=[rh.StopAtStepHook(last_step=10)])
+
+
 # -- 9. MultiWorkerMirroredStrategy on Ray ---------------------------------------------------------
 
 def _digits_model():
