@@ -581,6 +581,24 @@ def test_a_restarted_or_failed_chief_settles_every_save(tmp_path):
         restarted.finish()
 
 
+def test_a_restarted_chief_that_cannot_reach_a_worker_still_recovers(tmp_path, caplog):
+    """Ray restarts a chief while a worker is gone too (its node died): `ray.get_actor` raises in `send`.
+    The worker group is replaced anyway, so the constructor must not fail on it."""
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), save_steps=5)
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0)], {})
+
+    def unreachable(i, update):
+        raise ValueError("Failed to look up actor with name 'rayhooks-run-worker-%d'" % i)
+
+    restarted = Chief(chief.spec, 2, unreachable, report_latency=0.5)
+    with caplog.at_level("WARNING", logger="rayhooks"):
+        restarted.recover()
+    assert restarted.committed == [0]
+    assert "could not tell the workers" in caplog.text and "Failed to look up actor" in caplog.text
+
+
 def test_a_failed_chief_tells_a_new_worker_group_that_no_save_waits_for_it(tmp_path):
     chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(), save_steps=5)
 
