@@ -101,8 +101,7 @@ class Chief:
             if info is not None and ck.all_workers_write:
                 self._check_shard_count(ck, info)
         if self.spec.summary is not None:
-            self._summary_writer = self.spec.summary.writer or SummaryWriterCache.get(
-                self.spec.summary.output_dir, self.spec.summary.storage_options)
+            self._summary_writer = self.spec.summary.make_writer()
         return latest
 
     def _check_shard_count(self, ck, info) -> None:
@@ -628,8 +627,6 @@ class Chief:
     def flush_summaries(self) -> None:
         """Uploads every buffered summary now: the driver calls this before it kills the chief."""
         SummaryWriterCache.flush_all("before the chief was stopped")
-        if self.spec.summary is not None and self.spec.summary.writer is not None:
-            self.spec.summary.writer.flush()  # a writer of the user's own, outside the cache (local backend)
 
     def finish(self) -> dict:
         """Runs the `end` callbacks once; returns what the run produced."""

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.chief import Chief
 from rayhooks.spec import build_spec
+from rayhooks.summary_writer import SummaryWriterCache
 
 ANNOUNCE_LATENCY_SECS = 0.05  # a chief-to-worker actor call, with room for a loaded node
 CHIEF_PROBE_SECS = 2.0  # how often the driver checks, while workers train, that the chief can still answer
@@ -175,6 +176,10 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
             raise RuntimeError("worker %d failed; checkpoints committed before it stay committed. The "
                                "worker's traceback:\n%s" % (i, formatted)) from error
         summary = chief_thread.call("finish")
+    except BaseException:
+        # Ctrl-C, say: finish() did not run. In a notebook no exit-time flush follows.
+        SummaryWriterCache.flush_all("after the run stopped")
+        raise
     finally:
         chief_thread.close()
     return _result(summary, results)
@@ -233,6 +238,19 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
     options = {k.lower(): v for k, v in resources.items() if k in ("CPU", "GPU")}
     custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
 
+    def from_chief(ref):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.ActorDiedError as e:
+            if e.actor_init_failed:  # the spec did not unpickle there (a listener's module), or recover() raised
+                raise RuntimeError("the chief actor could not be constructed %s. Ray's error: %s"
+                                   % (_resume_hint(spec), e)) from e
+            raise RuntimeError("the chief actor died for good (Ray restarts it at most max(1, max_failures)=%d "
+                               "times) %s. Ray's error: %s" % (max(1, max_failures), _resume_hint(spec), e)) from e
+
+    def call(name, *args):
+        return from_chief(chief.call.remote(name, *args))
+
     def start_workers():
         workers[:] = [WorkerActor.options(
             name="rayhooks-%s-worker-%d" % (name, i),
@@ -240,7 +258,7 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             runtime_env=runtime_env,
         ).remote(i, num_workers, spec, hooks, chief, report_interval) for i in range(num_workers)]
-        ray.get(chief.connect.remote(workers))
+        from_chief(chief.connect.remote(workers))
         if tf_config:
             addresses = ray.get([w.node_address.remote() for w in workers])
             ray.get([w.set_env.remote({"TF_CONFIG": json.dumps({
@@ -251,16 +269,6 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
         for w in workers:  # collective peers of a dead worker would wait forever
             ray.kill(w, no_restart=True)
         workers[:] = []
-
-    def from_chief(ref):
-        try:
-            return ray.get(ref)
-        except ray.exceptions.ActorDiedError as e:
-            raise RuntimeError("the chief actor died for good (Ray restarts it at most max(1, max_failures)=%d "
-                               "times) %s. Ray's error: %s" % (max(1, max_failures), _resume_hint(spec), e)) from e
-
-    def call(name, *args):
-        return from_chief(chief.call.remote(name, *args))
 
     finished = False  # the chief's finish() flushes its summaries; on any other way out the driver asks it to
     try:

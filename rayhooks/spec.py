@@ -13,7 +13,7 @@ from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.checkpoint_hooks import AsyncCheckpointSaverHook, CheckpointSaverHook
 from rayhooks.checkpoints import CheckpointStore
 from rayhooks.summary_hook import SummarySaverHook
-from rayhooks.summary_writer import SummaryWriter
+from rayhooks.summary_writer import SummaryWriter, SummaryWriterCache
 from rayhooks.timer import SecondOrStepTimer
 
 
@@ -37,7 +37,24 @@ class SummarySpec:
     timer: SecondOrStepTimer
     fetches: Tuple[str, ...]
     storage_options: Optional[dict] = None
-    writer: Optional[SummaryWriter] = None  # the hook's own summary_writer; it pickles as its settings
+    flush_secs: Optional[float] = None          # None: the writer's defaults
+    max_file_bytes: Optional[int] = None
+    clock: Optional[object] = None
+    # The hook's own summary_writer, which the chief writes through where it runs in this
+    # process (the local backend); a Ray chief makes a writer with its settings instead.
+    writer: Optional[SummaryWriter] = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, writer=None)  # a writer holds locks and threads: its settings travel
+
+    def make_writer(self) -> SummaryWriter:
+        if self.writer is not None:
+            # One events file for the directory where possible: TensorBoard, reloading a live
+            # run, stops reading a file once a newer one appears beside it.
+            SummaryWriterCache.adopt(self.writer)
+            return self.writer
+        return SummaryWriterCache.get(self.output_dir, self.storage_options, flush_secs=self.flush_secs,
+                                      max_file_bytes=self.max_file_bytes, clock=self.clock)
 
 
 @dataclasses.dataclass
@@ -79,7 +96,8 @@ def build_spec(chief_hooks: List, all_workers_write: bool = False) -> RunSpec:
                 raise ValueError("under launch, summary_op must name step outputs (strings): the values "
                                  "are fetched on worker 0 and written by the chief; got %r" % (ops,))
             if writer is not None:
-                summary = SummarySpec(writer.url, hook._timer, tuple(ops), writer.storage.storage_options, writer)
+                summary = SummarySpec(writer.url, hook._timer, tuple(ops), writer.storage.storage_options,
+                                      writer.flush_secs, writer.max_file_bytes, writer._clock, writer)
             else:
                 summary = SummarySpec(hook._output_dir, hook._timer, tuple(ops), hook._storage_options)
         elif isinstance(hook, StopAtStepHook):

@@ -38,8 +38,8 @@ class SummaryWriter:
     object store, where every flush uploads the whole file, and no limit on
     a local disk, where flushes append; 0 means no limit.
 
-    A writer pickled to another process (a launched run's chief) arrives as
-    that process's `SummaryWriterCache` writer for the same URL and settings.
+    A deep copy of a writer (a local `launch` copies its workers' hooks) is
+    the writer itself: one writer per events file, safe to share between threads.
     """
 
     def __init__(self, url, storage_options=None, flush_secs=120, clock=time.time, max_file_bytes=None):
@@ -223,13 +223,7 @@ class SummaryWriter:
         self._flush_pending()
 
     def __deepcopy__(self, memo):
-        return self  # one writer per events file: copies of hooks (a local run's) share it
-
-    def __reduce__(self):
-        # A writer sent to another process (a launched run's chief) arrives there as the
-        # process's shared writer for the same directory and settings; unflushed records stay here.
-        return _shared_writer, (self.storage.url, self.storage.storage_options, self.flush_secs,
-                                self.max_file_bytes)
+        return self  # one writer per events file: copies of hooks (a local run's workers') share it
 
     def close(self):
         self._closed.set()
@@ -258,19 +252,31 @@ class SummaryWriterCache:
     _writers = {}
 
     @classmethod
-    def get(cls, url, storage_options=None, *, flush_secs=120, max_file_bytes=None):
-        """The writer for `url`, made with these settings by the first call that names the directory."""
+    def get(cls, url, storage_options=None, *, flush_secs=None, max_file_bytes=None, clock=None):
+        """The writer for `url`. The first call that names the directory makes it, with these
+        settings (None: `SummaryWriter`'s defaults); a later call that asks for other settings
+        gets the same writer, and a warning."""
         key = Storage(url).url
+        asked = {"flush_secs": flush_secs, "max_file_bytes": max_file_bytes, "clock": clock}
         with cls._lock:
             writer = cls._writers.get(key)
             if writer is None:
-                writer = cls._writers[key] = SummaryWriter(url, storage_options, flush_secs,
-                                                           max_file_bytes=max_file_bytes)
-            elif max_file_bytes is not None and max_file_bytes != writer.max_file_bytes:
-                logger.warning("the summary writer for %s already starts new files at max_file_bytes=%d; "
-                               "max_file_bytes=%d is ignored (one writer per directory)",
-                               key, writer.max_file_bytes, max_file_bytes)
-            return writer
+                writer = cls._writers[key] = SummaryWriter(
+                    url, storage_options, **{k: v for k, v in asked.items() if v is not None})
+                return writer
+        differ = ["%s=%r" % (k, v) for k, v in asked.items()
+                  if v is not None and v != getattr(writer, "_clock" if k == "clock" else k)]
+        if differ:
+            logger.warning("the summary writer for %s was made before with other settings; %s ignored "
+                           "(one writer per directory)", key, ", ".join(differ))
+        return writer
+
+    @classmethod
+    def adopt(cls, writer: "SummaryWriter") -> "SummaryWriter":
+        """Makes `writer` the shared one for its directory, unless the directory has one already
+        (returned then): what else writes there (checkpoint events) goes to the same file."""
+        with cls._lock:
+            return cls._writers.setdefault(writer.url, writer)
 
     @classmethod
     def clear(cls):
@@ -290,10 +296,6 @@ class SummaryWriterCache:
                 writer.flush()
             except Exception as e:  # at exit, or on the way out of a failed run: no one left to raise to
                 logger.error("could not flush summaries to %s %s: %s", writer.url, when, e)
-
-
-def _shared_writer(url, storage_options, flush_secs, max_file_bytes):
-    return SummaryWriterCache.get(url, storage_options, flush_secs=flush_secs, max_file_bytes=max_file_bytes)
 
 
 def _flush_all_at_exit():

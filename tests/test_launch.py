@@ -584,14 +584,27 @@ def test_a_summary_writer_of_your_own_writes_the_summaries_with_its_settings(bac
         assert writer.file_url is not None and writer.file_url.startswith(logdir)
 
 
-def test_a_summary_writer_pickles_as_the_shared_writer_with_the_same_settings(tmp_path):
-    """How a writer of your own reaches a Ray chief: as that process's writer for its directory."""
+def test_a_summary_writer_reaches_a_ray_chief_as_its_settings(tmp_path, caplog):
+    """The spec a Ray chief unpickles holds the writer's settings, not the writer (locks, threads);
+    the chief makes its process's shared writer for the directory with them."""
     import pickle
+    from rayhooks.spec import build_spec
     logdir = str(tmp_path / "logs")
-    sent = pickle.loads(pickle.dumps(rh.SummaryWriter(logdir, flush_secs=7, max_file_bytes=123)))
+    clock = rh.ManualClock(5.0)
+    own = rh.SummaryWriter(logdir, flush_secs=7, max_file_bytes=123, clock=clock)
+    spec = build_spec([rh.SummarySaverHook(save_steps=1, summary_writer=own, summary_op=["loss"])])
     try:
-        assert sent is rh.SummaryWriterCache.get(logdir)
-        assert (sent.url, sent.flush_secs, sent.max_file_bytes) == (logdir, 7, 123)
+        assert spec.summary.make_writer() is own  # in this process: the very writer, shared
+        assert rh.SummaryWriterCache.get(logdir) is own
+        rh.SummaryWriterCache.clear()
+        sent = pickle.loads(pickle.dumps(spec.summary))
+        assert sent.writer is None
+        made = sent.make_writer()
+        assert made is not own and made is rh.SummaryWriterCache.get(logdir)
+        assert (made.url, made.flush_secs, made.max_file_bytes, made._clock()) == (logdir, 7, 123, 5.0)
+        with caplog.at_level("WARNING", logger="rayhooks"):
+            assert rh.SummaryWriterCache.get(logdir, max_file_bytes=9) is made
+        assert "max_file_bytes=9 ignored" in caplog.text
     finally:
         rh.SummaryWriterCache.clear()
 
