@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.chief import Chief
+from rayhooks.session_run_hook import check_hooks
 from rayhooks.spec import build_spec
 from rayhooks.summary_writer import SummaryWriterCache
 
@@ -93,8 +94,8 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         raise ValueError("num_workers must be >= 1, got %r" % (num_workers,))
     if backend not in ("ray", "local"):
         raise ValueError("backend must be 'ray' or 'local', got %r" % (backend,))
-    hooks = list(hooks or [])
-    spec = build_spec(list(chief_only_hooks or []), all_workers_write)
+    hooks = check_hooks(hooks)
+    spec = build_spec(check_hooks(chief_only_hooks, "chief_only_hooks"), all_workers_write)
     for hook in hooks:  # a worker's StopAtStepHook is a stop every worker must share
         if isinstance(hook, StopAtStepHook) and hook._last_step is not None:
             spec.last_step = hook._last_step if spec.last_step is None else min(spec.last_step, hook._last_step)

@@ -22,7 +22,7 @@ import sys
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
 from rayhooks.savers import as_saver
-from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues
+from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues, check_hooks
 from rayhooks.timer import NEVER_STEP
 
 logger = logging.getLogger("rayhooks")
@@ -69,10 +69,7 @@ class MonitoredSession:
                  is_chief=True, worker_index=0, num_workers=1, restore_shard=None):
         if steps_per_run < 1:
             raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
-        self._hooks = list(chief_hooks or []) + list(hooks or [])
-        for hook in self._hooks:
-            if not isinstance(hook, SessionRunHook) and not hasattr(hook, "after_run"):
-                raise TypeError("hooks must be SessionRunHook instances, got %r" % (hook,))
+        self._hooks = check_hooks(chief_hooks, "chief_hooks") + check_hooks(hooks)
         self._steps_per_run = steps_per_run
         for hook in self._hooks:
             if hasattr(hook, "_set_steps_per_run"):

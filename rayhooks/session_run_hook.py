@@ -95,3 +95,21 @@ class SessionRunContext:
     def request_stop(self):
         """Stops the loop after this run: `should_stop()` becomes True."""
         self._stop_requested = True
+
+
+def check_hooks(hooks, argument: str = "hooks") -> list:
+    """`hooks` as a list; a TypeError for what cannot run as a hook here, saying what to pass instead."""
+    hooks = list(hooks or [])
+    for hook in hooks:
+        cls = type(hook)
+        if cls.__module__.startswith("tensorflow.") and cls.__name__ != "SessionRunHook":
+            import rayhooks
+            if hasattr(rayhooks, cls.__name__):
+                fix = "pass rh.%s instead: the same arguments, for TF2 code" % cls.__name__
+            else:
+                fix = "rayhooks has no %s: write a SessionRunHook of your own" % cls.__name__
+            raise TypeError("%s holds TensorFlow's own tf.compat.v1.train.%s, a TF1 graph hook that needs a "
+                            "tf.Graph and a tf.compat.v1.Session; %s" % (argument, cls.__name__, fix))
+        if not isinstance(hook, SessionRunHook) and not hasattr(hook, "after_run"):
+            raise TypeError("%s must hold SessionRunHook instances, got %r" % (argument, hook))
+    return hooks

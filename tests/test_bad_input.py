@@ -80,3 +80,34 @@ def test_a_missing_directory_in_the_cli_exits_2(tmp_path, capsys):
     assert main(["ls", str(tmp_path / "nothing-here")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "nothing-here" in err
+
+
+def test_tensorflows_own_tf1_hooks_are_refused_at_once_naming_the_rayhooks_one(tmp_path):
+    """A port from TF1 that keeps `tf.compat.v1.train.CheckpointSaverHook` would otherwise fail at the
+    hook's begin() with TF's "FileWriter is not compatible with eager execution", naming neither fix."""
+    url = str(tmp_path / "ckpt")
+    with pytest.raises(TypeError, match=r"tf\.compat\.v1\.train\.StopAtStepHook.*pass rh\.StopAtStepHook"):
+        rh.MonitoredSession(hooks=[tf.compat.v1.train.StopAtStepHook(last_step=5)], state={"w": np.zeros(1)})
+    with pytest.raises(TypeError, match=r"chief_only_hooks .*pass rh\.CheckpointSaverHook instead"):
+        rh.launch(lambda ctx: None, 1, backend="local",
+                  chief_only_hooks=[tf.compat.v1.train.CheckpointSaverHook(url, save_steps=1)])
+    with pytest.raises(TypeError, match="rayhooks has no FeedFnHook"):
+        rh.launch(lambda ctx: None, 1, backend="local", hooks=[tf.compat.v1.train.FeedFnHook(dict)])
+    with pytest.raises(TypeError, match="hooks must hold SessionRunHook instances"):
+        rh.MonitoredSession(hooks=[object()], state={"w": np.zeros(1)})
+    assert not os.path.exists(url)  # refused before anything ran
+
+
+def test_a_hook_of_your_own_written_against_tf1s_base_class_runs():
+    class CountRuns(tf.compat.v1.train.SessionRunHook):
+        runs = 0
+
+        def after_run(self, run_context, run_values):
+            CountRuns.runs += 1
+            if CountRuns.runs == 3:
+                run_context.request_stop()
+
+    with rh.MonitoredSession(hooks=[CountRuns()], state={"w": np.zeros(1)}) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: None)
+    assert CountRuns.runs == 3
