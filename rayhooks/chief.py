@@ -229,7 +229,7 @@ class Chief:
         for i in range(self.num_workers):
             self._send(i, update)
 
-    def _settle(self, step: Optional[int], failed: bool = False) -> None:
+    def _settle(self, step: Optional[int], failed: bool = False, restarted: bool = False) -> None:
         """Tells the writers that their saves up to `step` (None: all) need this chief no more.
 
         `failed`: nor will any later one (the chief ignores reports once it failed).
@@ -238,6 +238,8 @@ class Chief:
         if ck is None:
             return
         update = {"settled": step, "chief_failed": True} if failed else {"settled": step}
+        if restarted:
+            update["restarted"] = True  # the writers report their uncommitted shards again
         for i in range(self.num_workers if ck.all_workers_write else 1):
             self._send(i, update)
 
@@ -417,7 +419,8 @@ class Chief:
             files.update(shards[worker_index])
         ck = self.spec.checkpoint
         if step in self.committed:
-            logger.warning("[step=%d] already committed; ignoring a second set of shards", step)
+            # Its shards again: reported once more to a restarted chief, or a report Ray retried.
+            logger.info("[step=%d] already committed; ignoring its shards reported again", step)
             self._settle(step)
             return
         if self.committed and step < max(self.committed):
@@ -507,8 +510,9 @@ class Chief:
         """Rebuilds a restarted chief from storage: the workers kept training meanwhile.
 
         The latest committed checkpoint gives the step and the workers' step
-        rules; its `after_save` runs now unless it already ran (I3). Reports
-        lost while the chief was down are made up by the next ones.
+        rules; its `after_save` runs now unless it already ran (I3). Progress
+        lost while the chief was down is made up by the next reports, and the
+        writers report again the shards they reported to the chief before.
         """
         self.start()
         ck = self.spec.checkpoint
@@ -544,9 +548,10 @@ class Chief:
             self.session.latest_checkpoint = info.url
             self._dispatch_after_save(info.step)
         # What the workers reported to the chief before this one is lost: none of their saves
-        # may wait for it, or they would wait (or skip every save) for good.
+        # may wait for it, or they would wait (or skip every save) for good. They report their
+        # uncommitted shards again, and those still newer than `info` commit.
         try:
-            self._settle(None)
+            self._settle(None, restarted=True)
         except Exception as e:  # noqa: BLE001 -- a worker gone with the chief: its group is replaced anyway
             logger.warning("[step=%d] could not tell the workers that the restarted chief waits for none of "
                            "their earlier saves (%s); a worker group started from here hears of none", step, e)
@@ -605,9 +610,10 @@ class Chief:
     def _uncommitted_at_finish(self) -> Optional[RuntimeError]:
         """A save whose shards only partly reached this chief when every worker had ended.
 
-        The workers report each shard once; a chief restarted between two writers'
-        reports holds only the later ones, and the checkpoint can never commit. At
-        the end of the run that is the final checkpoint, lost without a word (I6).
+        Writers report their uncommitted shards again to a restarted chief, but a
+        writer lost with the chief (or one whose report arrived after a newer
+        commit) cannot, and the checkpoint can never commit. At the end of the run
+        that is the final checkpoint, lost without a word (I6).
         """
         if self.spec.checkpoint is None or self.errors or self._failure is not None:
             return None

@@ -63,6 +63,7 @@ class WorkerAgent(SessionRunHook):
         self._unsettled = []               # this writer's saves since submitted, until the chief settles them
         self._settled_upto = -1            # the newest step the chief settled
         self._chief_failed = False         # the chief commits nothing more: no save waits for it
+        self._reported = []                # shards reported and not yet settled: sent again to a restarted chief
         self._actions = []                 # heap of (step, kind, fetches)
         self._next_step = _NEVER           # read per step without the lock: a plain attribute
         self._stop_step = _NEVER
@@ -136,6 +137,15 @@ class WorkerAgent(SessionRunHook):
                     self._settled_upto = max(self._settled_upto, upto)
                 self._unsettled = [] if upto is None else [s for s in self._unsettled if s > upto]
                 self._chief_failed = self._chief_failed or bool(update.get("chief_failed"))
+                if upto is not None:
+                    self._reported = [shard for shard in self._reported if shard[0] > upto]
+                else:
+                    if update.get("restarted") and not self._chief_failed:
+                        # The chief that heard of these shards is gone: the new one commits them
+                        # if they are still newer than its latest checkpoint. Nothing waits for them.
+                        self._shards = self._reported + self._shards
+                        self._next_report = 0.0
+                    self._reported = []
                 self._settled.notify_all()
             if update.get("report_in") is not None:  # a seconds deadline: report right after it
                 self._report_by = self._clock() + update["report_in"]
@@ -321,6 +331,7 @@ class WorkerAgent(SessionRunHook):
             self._check_writer()
         with self._lock:
             shards, self._shards = self._shards, []
+            self._reported.extend(shards)
         failed, self._failed = tuple(self._failed), []
         outputs, self._outputs = self._outputs, {}
         skipped, self._skipped = self._skipped, []

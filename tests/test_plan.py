@@ -479,7 +479,8 @@ def test_chief_never_commits_a_step_older_than_its_latest_commit(tmp_path):
 
 
 def test_a_chief_restarted_between_two_writers_shards_fails_the_run_rather_than_drop_its_last_checkpoint(tmp_path):
-    """Each worker reports a shard once: a chief restarted between the two reports never sees it whole (I6)."""
+    """A chief restarted between the two writers' reports, whose first writer does not report its shard
+    again (writers do, unless lost with the chief), never sees the checkpoint whole (I6)."""
     clock = rh.ManualClock(1000.0)
     chief, listener, sent, store = _chief(tmp_path, clock, all_workers_write=True, save_steps=50)
     chief.start()
@@ -501,6 +502,62 @@ def test_a_chief_restarted_between_two_writers_shards_fails_the_run_rather_than_
                                            r"launch again with the same checkpoint_dir"):
         restarted.finish()
     assert store.latest().step == 0 and store.verify(store.latest()) == []
+
+
+class _ToChief:
+    """A worker's transport that hands each report to whichever chief `chiefs[-1]` is now."""
+
+    def __init__(self, chiefs):
+        self.chiefs = chiefs
+
+    def report(self, *args):
+        self.chiefs[-1].report(*args)
+
+
+def test_writers_report_their_uncommitted_shards_again_to_a_restarted_chief_which_commits_them(tmp_path):
+    """Ray restarts the chief after it heard worker 0's shard of step 5 and before worker 1's: the new
+    chief hears worker 0's again, commits step 5 once whole, and after_save(5) runs once."""
+    from rayhooks.handle import SessionHandle
+    from rayhooks.worker import WorkerAgent
+    listener = TraceListener()
+    spec = build_spec([rh.CheckpointSaverHook(str(tmp_path), save_steps=5, listeners=[listener])],
+                      all_workers_write=True)
+    chiefs, agents = [], []
+    send = lambda i, update: agents[i].receive(update)  # noqa: E731 -- the chief's channel to its writers
+    chiefs.append(Chief(spec, 2, send, report_latency=0.5))
+    sessions = []
+    for i in range(2):
+        agents.append(WorkerAgent(i, spec, _ToChief(chiefs), report_interval=0))
+        sessions.append(SessionHandle(worker_index=i, num_workers=2))
+        sessions[i].saver = rh.NumpySaver({"w": np.full(2, i, np.float32)})
+    chiefs[0].start()
+    first = chiefs[0].workers_created(0)
+    for agent, session in zip(agents, sessions):
+        agent.receive(first)
+        agent.after_create_session(session, None)  # step 0: each writes its shard of the first save
+        agent.flush_report(0)
+    assert chiefs[0].committed == [0]
+    for agent, session in zip(agents, sessions):
+        session.global_step = 5
+        agent._save(session, 5)
+    agents[0].flush_report(5)                          # the old chief holds worker 0's shard of step 5 ...
+    assert chiefs[0].committed == [0]
+
+    chiefs.append(Chief(spec, 2, send, report_latency=0.5))  # ... and dies; Ray restarts it
+    chiefs[1].recover()
+    agents[1].flush_report(5)                          # worker 1's shard reaches the new chief only
+    assert chiefs[1].committed == [0]
+    agents[0].flush_report(6)                          # worker 0 reports its shard of 5 again
+    assert chiefs[1].committed == [0, 5]
+    assert _verified_steps(spec) == [0, 5]
+    assert [e for e in listener.trace if e[0] == "after_save"] == [("after_save", 0), ("after_save", 5)]
+    assert agents[0]._reported == [] and agents[1]._reported == []   # settled: never sent again
+    chiefs[1].finish()
+
+
+def _verified_steps(spec):
+    store = spec.checkpoint.store
+    return [info.step for info in store.committed() if store.verify(info) == []]
 
 
 # -- settling saves with the writers: what bounds uncommitted checkpoints behind a slow listener --
