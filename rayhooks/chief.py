@@ -72,6 +72,7 @@ class Chief:
         self._last_checkpoint_step = None
         self._rules: Dict[str, Action] = {}
         self._before_saved = set()
+        self._recovered_from = -1  # a restarted chief: the checkpoint it rebuilt from (-1: none)
         self._cancelled = set()  # planned steps a writer skipped: the final save must not count on them
         self._final_saves = set()  # final saves announced by a worker's end, which the other writers owe too
         self.recoveries = 0
@@ -413,7 +414,6 @@ class Chief:
         if len(shards) < self._writers_for(step):
             return
         del self._shards[step]
-        self._before_save(step)
         files = {}
         for worker_index in sorted(shards):
             files.update(shards[worker_index])
@@ -427,13 +427,18 @@ class Chief:
             # Its shards arrived after a newer commit (a report retried across a chief restart):
             # that commit's clean-up may already have collected these files as partials, and
             # committing now would name files that are gone. Commits only move forward.
-            logger.warning("[step=%d] its shards arrived after step %d was committed; not committing it",
-                           step, max(self.committed))
-            self.skipped_saves += 1
+            if step <= self._recovered_from:  # reported again to a restarted chief: the one before settled it
+                logger.info("[step=%d] its shards were reported again after step %d was committed; ignored",
+                            step, max(self.committed))
+            else:
+                logger.warning("[step=%d] its shards arrived after step %d was committed; not committing it",
+                               step, max(self.committed))
+                self.skipped_saves += 1
             self._announced.pop(step * 2, None)
             self.planner.done(Action(step, CHECKPOINT))
             self._settle(step)
             return
+        self._before_save(step)  # not for the shards refused above: their before_save ran, or never will
         try:
             info = ck.store.commit(step, files, extra={
                 "num_workers": self.num_workers, "writers": sorted(shards),
@@ -446,6 +451,7 @@ class Chief:
             # partials now, collected by the next commit).
             self.failed_saves += 1
             self._announced.pop(step * 2, None)
+            self._cancelled.add(step)  # a copy of its shards arriving later (a retried report) is no save
             self._shard_health.pop(step, None)
             self.planner.done(Action(step, CHECKPOINT))
             logger.error("[step=%d] its shards were written, but committing it failed (%s); training goes on "
@@ -543,6 +549,7 @@ class Chief:
                 self._rules[action.kind] = action
         if info is not None:
             self.committed.append(info.step)
+            self._recovered_from = info.step
             self._last_checkpoint_step = info.step
             self._before_saved.update(s for s in range(max(0, step - 1), step + 1))
             self.session.latest_checkpoint = info.url

@@ -331,7 +331,8 @@ class WorkerAgent(SessionRunHook):
             self._check_writer()
         with self._lock:
             shards, self._shards = self._shards, []
-            self._reported.extend(shards)
+            if not self._chief_failed:  # a failed chief settles nothing: keep only what may still commit
+                self._reported.extend(sh for sh in shards if sh[0] > self._settled_upto)
         failed, self._failed = tuple(self._failed), []
         outputs, self._outputs = self._outputs, {}
         skipped, self._skipped = self._skipped, []
@@ -366,6 +367,26 @@ class WorkerAgent(SessionRunHook):
             self._check_writer()
             self._writer.close()
         self.flush_report(step, wait=True)  # the chief has every shard before the driver asks it to finish
+        self._await_settled(step)
+
+    def _await_settled(self, step) -> None:
+        """Waits until the chief has settled every shard this writer reported: committed it (and run
+        after_save) or let it go. A chief that restarts meanwhile hears of them again from here,
+        as this worker's loop no longer reports; without that the run's last checkpoint could be
+        lost with the chief. A failed chief or an aborted run waits for nothing."""
+        started, warned = self._clock(), False
+        while True:
+            with self._lock:
+                if not (self._reported or self._shards) or self._aborted or self._chief_failed:
+                    return
+                self._settled.wait(self._interval if self._interval > 0 else 0.05)
+                unreported = bool(self._shards)
+            if unreported:
+                self.flush_report(step)
+            if not warned and self._clock() - started >= SLOW_CHIEF_WARN_SECS:
+                warned = True
+                logger.warning("[step=%d] worker %d waits at its end for the chief to commit steps %s and run "
+                               "their after_save", step, self.worker_index, sorted({s[0] for s in self._reported}))
 
 
 def _host_values(values: dict) -> dict:

@@ -505,13 +505,18 @@ def test_a_chief_restarted_between_two_writers_shards_fails_the_run_rather_than_
 
 
 class _ToChief:
-    """A worker's transport that hands each report to whichever chief `chiefs[-1]` is now."""
+    """A worker's transport that hands each call to whichever chief `chiefs[-1]` is now."""
 
     def __init__(self, chiefs):
         self.chiefs = chiefs
 
     def report(self, *args):
         self.chiefs[-1].report(*args)
+
+    report_and_wait = report
+
+    def worker_end(self, *args):
+        return self.chiefs[-1].worker_end(*args)
 
 
 def test_writers_report_their_uncommitted_shards_again_to_a_restarted_chief_which_commits_them(tmp_path):
@@ -552,6 +557,88 @@ def test_writers_report_their_uncommitted_shards_again_to_a_restarted_chief_whic
     assert _verified_steps(spec) == [0, 5]
     assert [e for e in listener.trace if e[0] == "after_save"] == [("after_save", 0), ("after_save", 5)]
     assert agents[0]._reported == [] and agents[1]._reported == []   # settled: never sent again
+    chiefs[1].finish()
+
+
+def test_shards_reported_again_that_the_chief_before_committed_reach_no_listener(tmp_path):
+    """The dying chief committed steps 5 and 10, but its settles never reached the writer, which
+    reports both again: the new chief neither counts them as skipped nor calls before_save(5)."""
+    from rayhooks.handle import SessionHandle
+    from rayhooks.worker import WorkerAgent
+    listener = TraceListener()
+    spec = build_spec([rh.CheckpointSaverHook(str(tmp_path), save_steps=5, listeners=[listener])])
+    chiefs, agents, dying = [], [], [False]
+
+    def send(i, update):
+        if not (dying[0] and "settled" in update):
+            agents[i].receive(update)
+
+    chiefs.append(Chief(spec, 1, send, report_latency=0.5))
+    agent = WorkerAgent(0, spec, _ToChief(chiefs), report_interval=0)
+    agents.append(agent)
+    session = SessionHandle(worker_index=0, num_workers=1)
+    session.saver = rh.NumpySaver({"w": np.zeros(2, np.float32)})
+    chiefs[0].start()
+    agent.receive(chiefs[0].workers_created(0))
+    agent.after_create_session(session, None)
+    agent.flush_report(0)
+    dying[0] = True
+    for step in (5, 10):
+        session.global_step = step
+        agent._save(session, step)
+        agent.flush_report(step)
+    assert chiefs[0].committed == [0, 5, 10] and [s[0] for s in agent._reported] == [5, 10]
+    dying[0] = False
+    chiefs.append(Chief(spec, 1, send, report_latency=0.5))
+    del listener.trace[:]
+    chiefs[1].recover()
+    agent.flush_report(11)
+    assert chiefs[1].committed == [10] and chiefs[1].skipped_saves == 0
+    assert listener.trace == [] and agent._reported == []
+
+
+def test_a_writer_at_its_end_waits_for_its_last_shard_to_commit_across_a_chief_restart(tmp_path):
+    """all_workers_write, the run ends at step 7 with a final save. Worker 0 ends first: its shard of 7
+    reaches the chief, which dies before worker 1's. Worker 0 has left its loop, so only its end() can
+    report the shard again to the restarted chief; the final checkpoint then commits whole."""
+    import threading
+    from rayhooks.handle import SessionHandle
+    from rayhooks.worker import WorkerAgent
+    listener = TraceListener()
+    spec = build_spec([rh.CheckpointSaverHook(str(tmp_path), save_steps=5, listeners=[listener])],
+                      all_workers_write=True)
+    chiefs, agents, sessions = [], [], []
+    send = lambda i, update: agents[i].receive(update)  # noqa: E731 -- the chief's channel to its writers
+    chiefs.append(Chief(spec, 2, send, report_latency=0.5))
+    for i in range(2):
+        agents.append(WorkerAgent(i, spec, _ToChief(chiefs), report_interval=0.01))
+        sessions.append(SessionHandle(worker_index=i, num_workers=2))
+        sessions[i].saver = rh.NumpySaver({"w": np.full(2, i, np.float32)})
+    chiefs[0].start()
+    first = chiefs[0].workers_created(0)
+    for agent, session in zip(agents, sessions):
+        agent.receive(first)
+        agent.after_create_session(session, None)
+        agent.flush_report(0)
+        session.global_step = 7
+    reported = threading.Event()
+    ended = threading.Event()
+
+    def end_worker_0():
+        agents[0].end(sessions[0])
+        ended.set()
+
+    original = chiefs[0].report
+    chiefs[0].report = lambda *args: (original(*args), reported.set() if args[4] else None)
+    threading.Thread(target=end_worker_0, daemon=True).start()
+    assert reported.wait(30)                                 # worker 0's shard of 7 reached the old chief
+    assert not ended.wait(0.2)                               # and its end waits for that checkpoint
+    chiefs.append(Chief(spec, 2, send, report_latency=0.5))  # the chief dies; Ray restarts it
+    chiefs[1].recover()
+    agents[1].end(sessions[1])
+    assert ended.wait(30)
+    assert chiefs[1].committed == [0, 7]
+    assert _verified_steps(spec) == [0, 7]
     chiefs[1].finish()
 
 
