@@ -519,43 +519,56 @@ class _ToChief:
         return self.chiefs[-1].worker_end(*args)
 
 
-def test_writers_report_their_uncommitted_shards_again_to_a_restarted_chief_which_commits_them(tmp_path):
-    """Ray restarts the chief after it heard worker 0's shard of step 5 and before worker 1's: the new
-    chief hears worker 0's again, commits step 5 once whole, and after_save(5) runs once."""
+def _wired_writers(tmp_path, num_writers, report_interval=0):
+    """A chief and `num_writers` WorkerAgents wired as in a launched run (every one a writer), past the
+    first save (step 0). Writers report to `chiefs[-1]`; while `dying[0]`, the chief's settles are lost."""
+    import types
     from rayhooks.handle import SessionHandle
     from rayhooks.worker import WorkerAgent
     listener = TraceListener()
     spec = build_spec([rh.CheckpointSaverHook(str(tmp_path), save_steps=5, listeners=[listener])],
-                      all_workers_write=True)
-    chiefs, agents = [], []
-    send = lambda i, update: agents[i].receive(update)  # noqa: E731 -- the chief's channel to its writers
-    chiefs.append(Chief(spec, 2, send, report_latency=0.5))
-    sessions = []
-    for i in range(2):
-        agents.append(WorkerAgent(i, spec, _ToChief(chiefs), report_interval=0))
-        sessions.append(SessionHandle(worker_index=i, num_workers=2))
-        sessions[i].saver = rh.NumpySaver({"w": np.full(2, i, np.float32)})
-    chiefs[0].start()
-    first = chiefs[0].workers_created(0)
-    for agent, session in zip(agents, sessions):
+                      all_workers_write=num_writers > 1)
+    run = types.SimpleNamespace(spec=spec, listener=listener, chiefs=[], agents=[], sessions=[], dying=[False])
+
+    def send(i, update):
+        if not (run.dying[0] and "settled" in update):
+            run.agents[i].receive(update)
+
+    run.new_chief = lambda: run.chiefs.append(Chief(spec, num_writers, send, report_latency=0.5))
+    run.new_chief()
+    for i in range(num_writers):
+        run.agents.append(WorkerAgent(i, spec, _ToChief(run.chiefs), report_interval=report_interval))
+        run.sessions.append(SessionHandle(worker_index=i, num_workers=num_writers))
+        run.sessions[i].saver = rh.NumpySaver({"w": np.full(2, i, np.float32)})
+    run.chiefs[0].start()
+    first = run.chiefs[0].workers_created(0)
+    for agent, session in zip(run.agents, run.sessions):
         agent.receive(first)
         agent.after_create_session(session, None)  # step 0: each writes its shard of the first save
         agent.flush_report(0)
-    assert chiefs[0].committed == [0]
-    for agent, session in zip(agents, sessions):
+    assert run.chiefs[0].committed == [0]
+    return run
+
+
+def test_writers_report_their_uncommitted_shards_again_to_a_restarted_chief_which_commits_them(tmp_path):
+    """Ray restarts the chief after it heard worker 0's shard of step 5 and before worker 1's: the new
+    chief hears worker 0's again, commits step 5 once whole, and after_save(5) runs once."""
+    run = _wired_writers(tmp_path, 2)
+    chiefs, agents = run.chiefs, run.agents
+    for agent, session in zip(agents, run.sessions):
         session.global_step = 5
         agent._save(session, 5)
     agents[0].flush_report(5)                          # the old chief holds worker 0's shard of step 5 ...
     assert chiefs[0].committed == [0]
 
-    chiefs.append(Chief(spec, 2, send, report_latency=0.5))  # ... and dies; Ray restarts it
+    run.new_chief()                                    # ... and dies; Ray restarts it
     chiefs[1].recover()
     agents[1].flush_report(5)                          # worker 1's shard reaches the new chief only
     assert chiefs[1].committed == [0]
     agents[0].flush_report(6)                          # worker 0 reports its shard of 5 again
     assert chiefs[1].committed == [0, 5]
-    assert _verified_steps(spec) == [0, 5]
-    assert [e for e in listener.trace if e[0] == "after_save"] == [("after_save", 0), ("after_save", 5)]
+    assert _verified_steps(run.spec) == [0, 5]
+    assert [e for e in run.listener.trace if e[0] == "after_save"] == [("after_save", 0), ("after_save", 5)]
     assert agents[0]._reported == [] and agents[1]._reported == []   # settled: never sent again
     chiefs[1].finish()
 
@@ -563,38 +576,21 @@ def test_writers_report_their_uncommitted_shards_again_to_a_restarted_chief_whic
 def test_shards_reported_again_that_the_chief_before_committed_reach_no_listener(tmp_path):
     """The dying chief committed steps 5 and 10, but its settles never reached the writer, which
     reports both again: the new chief neither counts them as skipped nor calls before_save(5)."""
-    from rayhooks.handle import SessionHandle
-    from rayhooks.worker import WorkerAgent
-    listener = TraceListener()
-    spec = build_spec([rh.CheckpointSaverHook(str(tmp_path), save_steps=5, listeners=[listener])])
-    chiefs, agents, dying = [], [], [False]
-
-    def send(i, update):
-        if not (dying[0] and "settled" in update):
-            agents[i].receive(update)
-
-    chiefs.append(Chief(spec, 1, send, report_latency=0.5))
-    agent = WorkerAgent(0, spec, _ToChief(chiefs), report_interval=0)
-    agents.append(agent)
-    session = SessionHandle(worker_index=0, num_workers=1)
-    session.saver = rh.NumpySaver({"w": np.zeros(2, np.float32)})
-    chiefs[0].start()
-    agent.receive(chiefs[0].workers_created(0))
-    agent.after_create_session(session, None)
-    agent.flush_report(0)
-    dying[0] = True
+    run = _wired_writers(tmp_path, 1)
+    agent, session = run.agents[0], run.sessions[0]
+    run.dying[0] = True
     for step in (5, 10):
         session.global_step = step
         agent._save(session, step)
         agent.flush_report(step)
-    assert chiefs[0].committed == [0, 5, 10] and [s[0] for s in agent._reported] == [5, 10]
-    dying[0] = False
-    chiefs.append(Chief(spec, 1, send, report_latency=0.5))
-    del listener.trace[:]
-    chiefs[1].recover()
+    assert run.chiefs[0].committed == [0, 5, 10] and [s[0] for s in agent._reported] == [5, 10]
+    run.dying[0] = False
+    run.new_chief()
+    del run.listener.trace[:]
+    run.chiefs[1].recover()
     agent.flush_report(11)
-    assert chiefs[1].committed == [10] and chiefs[1].skipped_saves == 0
-    assert listener.trace == [] and agent._reported == []
+    assert run.chiefs[1].committed == [10] and run.chiefs[1].skipped_saves == 0
+    assert run.listener.trace == [] and agent._reported == []
 
 
 def test_a_writer_at_its_end_waits_for_its_last_shard_to_commit_across_a_chief_restart(tmp_path):
@@ -602,24 +598,9 @@ def test_a_writer_at_its_end_waits_for_its_last_shard_to_commit_across_a_chief_r
     reaches the chief, which dies before worker 1's. Worker 0 has left its loop, so only its end() can
     report the shard again to the restarted chief; the final checkpoint then commits whole."""
     import threading
-    from rayhooks.handle import SessionHandle
-    from rayhooks.worker import WorkerAgent
-    listener = TraceListener()
-    spec = build_spec([rh.CheckpointSaverHook(str(tmp_path), save_steps=5, listeners=[listener])],
-                      all_workers_write=True)
-    chiefs, agents, sessions = [], [], []
-    send = lambda i, update: agents[i].receive(update)  # noqa: E731 -- the chief's channel to its writers
-    chiefs.append(Chief(spec, 2, send, report_latency=0.5))
-    for i in range(2):
-        agents.append(WorkerAgent(i, spec, _ToChief(chiefs), report_interval=0.01))
-        sessions.append(SessionHandle(worker_index=i, num_workers=2))
-        sessions[i].saver = rh.NumpySaver({"w": np.full(2, i, np.float32)})
-    chiefs[0].start()
-    first = chiefs[0].workers_created(0)
-    for agent, session in zip(agents, sessions):
-        agent.receive(first)
-        agent.after_create_session(session, None)
-        agent.flush_report(0)
+    run = _wired_writers(tmp_path, 2, report_interval=0.01)
+    chiefs, agents, sessions = run.chiefs, run.agents, run.sessions
+    for session in sessions:
         session.global_step = 7
     reported = threading.Event()
     ended = threading.Event()
@@ -633,12 +614,12 @@ def test_a_writer_at_its_end_waits_for_its_last_shard_to_commit_across_a_chief_r
     threading.Thread(target=end_worker_0, daemon=True).start()
     assert reported.wait(30)                                 # worker 0's shard of 7 reached the old chief
     assert not ended.wait(0.2)                               # and its end waits for that checkpoint
-    chiefs.append(Chief(spec, 2, send, report_latency=0.5))  # the chief dies; Ray restarts it
+    run.new_chief()                                          # the chief dies; Ray restarts it
     chiefs[1].recover()
     agents[1].end(sessions[1])
     assert ended.wait(30)
     assert chiefs[1].committed == [0, 7]
-    assert _verified_steps(spec) == [0, 7]
+    assert _verified_steps(run.spec) == [0, 7]
     chiefs[1].finish()
 
 
