@@ -22,7 +22,8 @@ import sys
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
 from rayhooks.savers import as_saver
-from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues, check_hooks
+from rayhooks.session_run_hook import (SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues,
+                                       check_hooks)
 from rayhooks.timer import NEVER_STEP
 
 logger = logging.getLogger("rayhooks")

@@ -297,34 +297,46 @@ class WorkerAgent(SessionRunHook):
         the last one), and an aborted worker saves nothing (False).
         """
         limit = self.spec.checkpoint.max_in_flight + 1
-        started = self._clock()
-        warned = False
+
+        def answer():
+            if self._aborted:  # a peer failed: this worker stops with no save (its stop step is 0)
+                return False
+            if len(self._unsettled) < limit or self._chief_failed or self._preempted or self._stop_step <= step:
+                return True  # an emergency or last save waits for no commit
+            if not wait:
+                logger.info("[step=%d] checkpoint skipped: the chief has not yet committed steps %s and run "
+                            "their after_save (a commit and its listeners take longer than the save period)",
+                            step, self._unsettled)
+                return False
+            return None
+
+        return self._wait_for_chief(step, answer, lambda: logger.warning(
+            "[step=%d] training waits for the chief to commit steps %s and run their after_save: a commit and "
+            "its listeners take longer than the save period (in_flight='wait' and CheckpointSaverHook wait for "
+            "them, as TF1 does; AsyncCheckpointSaverHook with in_flight='skip' skips saves instead)",
+            step, self._unsettled))
+
+    def _wait_for_chief(self, step, answer, warn):
+        """Calls `answer()` under the lock each time the chief settles saves (or an interval passes),
+        until it gives something other than None; meanwhile reports this worker's durable shards
+        (the chief commits nothing it has not heard of) and calls `warn()` once, after
+        SLOW_CHIEF_WARN_SECS."""
+        started, warned = self._clock(), False
         while True:
             with self._lock:
-                if self._aborted:  # a peer failed: this worker stops with no save (its stop step is 0)
-                    return False
-                if len(self._unsettled) < limit or self._chief_failed or self._preempted \
-                        or self._stop_step <= step:
-                    return True  # an emergency or last save waits for no commit
-                if not wait:
-                    logger.info("[step=%d] checkpoint skipped: the chief has not yet committed steps %s and run "
-                                "their after_save (a commit and its listeners take longer than the save period)",
-                                step, self._unsettled)
-                    return False
+                result = answer()
+                if result is not None:
+                    return result
                 self._settled.wait(self._interval if self._interval > 0 else 0.05)
                 unreported = bool(self._shards)
-            if self._writer.failed:
+            if self._writer is not None and self._writer.failed:
                 self._check_writer()  # raises under on_write_error='raise'
             now = self._clock()
             if unreported or now >= self._next_report:
                 self.flush_report(step)
             if not warned and now - started >= SLOW_CHIEF_WARN_SECS:
                 warned = True
-                logger.warning("[step=%d] training waits for the chief to commit steps %s and run their "
-                               "after_save: a commit and its listeners take longer than the save period "
-                               "(in_flight='wait' and CheckpointSaverHook wait for them, as TF1 does; "
-                               "AsyncCheckpointSaverHook with in_flight='skip' skips saves instead)",
-                               step, self._unsettled)
+                warn()
 
     def flush_report(self, step, wait=False, preempted=False) -> None:
         if self._writer is not None and self._writer.failed:
@@ -374,19 +386,11 @@ class WorkerAgent(SessionRunHook):
         after_save) or let it go. A chief that restarts meanwhile hears of them again from here,
         as this worker's loop no longer reports; without that the run's last checkpoint could be
         lost with the chief. A failed chief or an aborted run waits for nothing."""
-        started, warned = self._clock(), False
-        while True:
-            with self._lock:
-                if not (self._reported or self._shards) or self._aborted or self._chief_failed:
-                    return
-                self._settled.wait(self._interval if self._interval > 0 else 0.05)
-                unreported = bool(self._shards)
-            if unreported:
-                self.flush_report(step)
-            if not warned and self._clock() - started >= SLOW_CHIEF_WARN_SECS:
-                warned = True
-                logger.warning("[step=%d] worker %d waits at its end for the chief to commit steps %s and run "
-                               "their after_save", step, self.worker_index, sorted({s[0] for s in self._reported}))
+        def answer():
+            return True if not (self._reported or self._shards) or self._aborted or self._chief_failed else None
+        self._wait_for_chief(step, answer, lambda: logger.warning(
+            "[step=%d] worker %d waits at its end for the chief to commit steps %s and run their after_save",
+            step, self.worker_index, sorted({shard[0] for shard in self._reported})))
 
 
 def _host_values(values: dict) -> dict:
