@@ -133,11 +133,10 @@ class WorkerAgent(SessionRunHook):
                 self._settled.notify_all()  # a save waiting for the chief gives up if the run stops
             if "settled" in update:  # every save up to that step (None: every save) needs the chief no more
                 upto = update["settled"]
+                self._chief_failed = self._chief_failed or bool(update.get("chief_failed"))
                 if upto is not None:  # it can overtake this writer's own save of that step (see _save)
                     self._settled_upto = max(self._settled_upto, upto)
-                self._unsettled = [] if upto is None else [s for s in self._unsettled if s > upto]
-                self._chief_failed = self._chief_failed or bool(update.get("chief_failed"))
-                if upto is not None:
+                    self._unsettled = [s for s in self._unsettled if s > upto]
                     self._reported = [shard for shard in self._reported if shard[0] > upto]
                 else:
                     if update.get("restarted") and not self._chief_failed:
@@ -145,7 +144,7 @@ class WorkerAgent(SessionRunHook):
                         # if they are still newer than its latest checkpoint. Nothing waits for them.
                         self._shards = self._reported + self._shards
                         self._next_report = 0.0
-                    self._reported = []
+                    self._unsettled, self._reported = [], []
                 self._settled.notify_all()
             if update.get("report_in") is not None:  # a seconds deadline: report right after it
                 self._report_by = self._clock() + update["report_in"]
