@@ -356,9 +356,14 @@ class WorkerAgent(SessionRunHook):
         else:
             self._transport.report(*args)
         now = self._clock()
-        self._next_report = now + self._interval
-        if self._report_by > now:  # a deadline hint that arrived while this report was made
-            self._next_report = min(self._next_report, self._report_by)
+        with self._lock:
+            self._next_report = now + self._interval
+            if self._report_by > now:  # a deadline hint that arrived while this report was made
+                self._next_report = min(self._next_report, self._report_by)
+            if self._shards:
+                # Shards that came while this report was made (a save turned durable, or a restarted
+                # chief asked for them again) must not wait a report interval for the next one.
+                self._next_report = 0.0
         if self._session is not None:
             self._arm(now)
 

@@ -623,6 +623,36 @@ def test_a_writer_at_its_end_waits_for_its_last_shard_to_commit_across_a_chief_r
     chiefs[1].finish()
 
 
+def test_shards_asked_for_again_while_a_report_is_made_go_at_the_next_step_not_a_report_interval_later(tmp_path):
+    """The chief dies holding worker 0's report of its shard of step 5, and the restarted chief asks for
+    the shard again before that report call has returned. The shard goes with the next step's report,
+    not one report interval (an hour here) later, when the report that was under way has finished."""
+    from rayhooks.session_run_hook import SessionRunArgs, SessionRunContext
+    run = _wired_writers(tmp_path, 1, report_interval=3600)
+    agent, session = run.agents[0], run.sessions[0]
+
+    class DiesWithTheReport(_ToChief):
+        def report(self, *args):
+            if args[4] and len(run.chiefs) == 1:  # the first report of a shard: lost with the chief
+                run.new_chief()
+                run.chiefs[1].recover()           # tells the writer, while its report is still being made
+                return
+            super().report(*args)
+
+    agent._transport = DiesWithTheReport(run.chiefs)
+
+    def run_step(step):
+        session.global_step = step
+        agent.after_run(SessionRunContext(SessionRunArgs(None), session), None)
+    run_step(5)                                    # saves step 5 and reports the shard at once
+    assert [s[0] for s in agent._shards] == [5]    # asked for again
+    assert run.chiefs[1].committed == [0]
+    run_step(6)
+    assert run.chiefs[1].committed == [0, 5]
+    assert _verified_steps(run.spec) == [0, 5]
+    run.chiefs[1].finish()
+
+
 def _verified_steps(spec):
     store = spec.checkpoint.store
     return [info.step for info in store.committed() if store.verify(info) == []]
