@@ -129,7 +129,11 @@ class CheckpointStore:
                     "timestamp": now, "files": files}
         if extra:
             manifest.update(extra)
+        # On a local disk a file's fsync keeps its bytes but not its name: the data files' names
+        # are made durable before the manifest can be, and the manifest's before after_save runs.
+        self.storage.sync_directory()
         self.storage.write_bytes(prefix + MANIFEST_SUFFIX, json.dumps(manifest, indent=1).encode())
+        self.storage.sync_directory()
         info = CheckpointInfo(step, prefix, self.storage.url_of(prefix), files, now)
         self._retain(info)
         return info

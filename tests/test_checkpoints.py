@@ -86,6 +86,33 @@ def test_commit_writes_files_manifest_and_state(storage_url):
     assert values["name"] == b"run-7"
 
 
+def test_a_commit_makes_the_directory_entries_durable_before_and_after_the_manifest(tmp_path, monkeypatch):
+    """A file's fsync keeps its bytes, not its name: without an fsync of the directory a power cut
+    can lose a rename. A power cut cannot be caused here, so the test records, in order, the renames
+    into the checkpoint directory and the fsyncs of the directory itself that a commit makes."""
+    root = str(tmp_path / "ckpt")
+    store = _store(root)
+    files = store.write_data(7, _tensors(7))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        if os.path.isdir("/proc/self/fd/%d" % fd) and os.path.realpath("/proc/self/fd/%d" % fd) == root:
+            events.append("sync dir")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        events.append("rename " + os.path.basename(dst))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store.commit(7, files)
+    manifest = events.index("rename model.ckpt-7.manifest.json")
+    assert events[manifest - 1] == "sync dir"     # the data and index names first, on disk ...
+    assert events[manifest + 1] == "sync dir"     # ... then the manifest's, before the commit returns
+
+
 def test_uncommitted_data_is_a_partial(storage_url):
     store = _store(storage_url)
     _save(store, 1)
