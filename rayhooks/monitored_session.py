@@ -55,6 +55,9 @@ class MonitoredSession:
       checkpoint_dir: URL restored from at creation (newest committed checkpoint).
       global_step: a variable (such as `optimizer.iterations`) read once at
         creation, when no checkpoint is restored, to start the step count.
+        After that the session counts `steps_per_run` a run (TF1 read the
+        variable every run); at close it warns if the variable moved otherwise
+        (gradient accumulation, say, advancing it every other run).
       steps_per_run: how many training steps one `run` performs; hooks see
         the global step advance by that much per run. As in TF1, only the
         checkpoint and step-counter hooks account for it; `StopAtStepHook`
@@ -71,6 +74,7 @@ class MonitoredSession:
         if steps_per_run < 1:
             raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
         self._hooks = check_hooks(chief_hooks, "chief_hooks") + check_hooks(hooks)
+        _refuse_two_savers_in_one_directory(self._hooks)
         self._steps_per_run = steps_per_run
         for hook in self._hooks:
             if hasattr(hook, "_set_steps_per_run"):
@@ -96,6 +100,7 @@ class MonitoredSession:
         self._restore_shard = restore_shard
         self._should_stop = False
         self._closed = False
+        self._counted_from = None
         for hook in self._hooks:
             hook.begin()
         self._create(global_step)
@@ -105,13 +110,19 @@ class MonitoredSession:
         store = self.handle._store
         if store is not None and self.saver is not None:
             info = store.restore_latest(self.saver, worker=self._restore_shard)
+            if info is None:
+                # TF1 would resume from checkpoints another writer left there; starting from
+                # fresh weights instead must not pass unnoticed (a saver hook checked at begin).
+                store.refuse_foreign()
             if info is not None:
                 step = info.step
                 self.handle.latest_checkpoint = info.url
                 logger.info("[step=%d] restored %s", step, info.url)
         if step is None and global_step is not None:
-            step = int(global_step.numpy() if hasattr(global_step, "numpy") else global_step)
+            step = _read_step(global_step)
         self.handle.global_step = step or 0
+        if hasattr(global_step, "numpy"):  # a variable: checked against the runs counted at close
+            self._counted_from = (global_step, _read_step(global_step), self.handle.global_step)
         for hook in self._hooks:
             hook.after_create_session(self.handle, self.coord)
 
@@ -217,11 +228,34 @@ class MonitoredSession:
                 if restore is not None:
                     restore()
         else:
+            self._check_step_count()
             for hook in self._hooks:
                 hook.end(self.handle)
             # As TF1's session close (Coordinator.join): an error a hook reported with
             # `coord.request_stop(ex)` is raised here, after the `end` hooks, never dropped (I6).
             self.coord.raise_requested_exception()
+
+    def _check_step_count(self) -> None:
+        """Warns when `global_step=` advanced otherwise than the runs counted: TF1 read it every run."""
+        if self._counted_from is None:
+            return
+        variable, start, counted = self._counted_from
+        try:
+            advanced = _read_step(variable) - start
+        except Exception:  # noqa: BLE001 -- a variable that cannot be read now: nothing to compare
+            return
+        ran = self.handle.global_step - counted
+        if advanced == ran:
+            return
+        runs = ran // self._steps_per_run
+        if runs and advanced > 0 and advanced % runs == 0:
+            fix = "pass steps_per_run=%d, the steps each run made" % (advanced // runs)
+        else:
+            fix = "make one whole optimizer step (every accumulated micro-batch) per run"
+        logger.warning("[step=%d] global_step= advanced by %d in this session while rayhooks counted %d steps "
+                       "(%d a run): rayhooks reads global_step= only at creation and then counts runs, so its "
+                       "checkpoints and summaries are numbered by runs, not by that variable; %s",
+                       self.handle.global_step, advanced, ran, self._steps_per_run, fix)
 
     def __enter__(self):
         return self
@@ -231,6 +265,24 @@ class MonitoredSession:
             exc_type = None
         self._close(exc_type)
         return exc_type is None
+
+
+def _refuse_two_savers_in_one_directory(hooks) -> None:
+    from rayhooks.checkpoint_hooks import CheckpointSaverHook
+    savers = [h for h in hooks if isinstance(h, CheckpointSaverHook)]
+    for i, first in enumerate(savers):
+        for second in savers[i + 1:]:
+            if first.store.storage.same_directory(second.store.storage):
+                raise ValueError(
+                    "two checkpoint hooks save into %s (a %s and a %s): rayhooks takes one per directory, as "
+                    "each one's clean-up would delete the other's files in flight. If yours replaces the "
+                    "session's own saver, pass save_checkpoint_secs=None to MonitoredTrainingSession (TF1's "
+                    "idiom); otherwise give one of them another directory"
+                    % (first.store.url, type(first).__name__, type(second).__name__))
+
+
+def _read_step(global_step) -> int:
+    return int(global_step.numpy() if hasattr(global_step, "numpy") else global_step)
 
 
 _NO_VALUES = SessionRunValues(None, None, None)

@@ -276,8 +276,10 @@ class TrackableSaver:
         if isinstance(state, tf.train.Checkpoint):
             self.checkpoint = state
         elif isinstance(state, Mapping):
+            _check_state(state)
             self.checkpoint = tf.train.Checkpoint(**state)
         else:
+            _check_state(state)
             self.checkpoint = tf.train.Checkpoint(root=state)
         self._pool = _BufferPool()
         self._plan: Optional[_SnapshotPlan] = None
@@ -357,6 +359,43 @@ class TrackableSaver:
         except AssertionError as e:
             raise ValueError("%s does not match the state it is restored into (%s); pass the same "
                              "structure that saved it" % (checkpoint.url, e)) from None
+
+
+_STATE_RULE = ("state= takes TF trackables (a tf.train.Checkpoint, a Keras model or optimizer, tf.Variables, "
+               "or a dict of them), or a flat dict of numpy arrays with str keys")
+
+
+def _check_state(state) -> None:
+    """Refuses what a TF checkpoint would silently leave out (numpy arrays in a nested dict) or
+    refuse in its own words (a number in the dict, a list as the whole state)."""
+    if isinstance(state, (list, tuple)):
+        raise TypeError("state= is a %s; %s: name its items, state={'v0': ..., 'v1': ...}"
+                        % (type(state).__name__, _STATE_RULE))
+    if isinstance(state, Mapping) and state and all(isinstance(v, np.ndarray) or np.isscalar(v)
+                                                    for v in state.values()):
+        key = next(k for k, v in state.items() if not isinstance(v, np.ndarray))
+        raise TypeError("state[%r] is a %s: a dict of numpy arrays needs every value an array (and str keys); "
+                        "pass np.asarray(...) for it" % (key, type(state[key]).__name__))
+    _check_trackables(state, "state")
+
+
+def _check_trackables(value, where: str) -> None:
+    from tensorflow.python.trackable import base
+    if isinstance(value, base.Trackable):
+        return
+    if isinstance(value, (Mapping, list, tuple)):  # TF tracks what they hold, at any depth
+        for key, item in value.items() if isinstance(value, Mapping) else enumerate(value):
+            _check_trackables(item, "%s[%r]" % (where, key))
+        return
+    if where == "state":
+        raise TypeError("state= is a %s, which is not a TF trackable; %s" % (type(value).__name__, _STATE_RULE))
+    if where.count("[") == 1:  # a value of the dict itself
+        fix = "make every value of the dict a numpy array, or wrap this one in tf.Variable(...)"
+    else:
+        fix = ("flatten the nested dicts and lists into one dict with str keys (e.g. 'params/w'), "
+               "or hold the values in tf.Variables")
+    raise TypeError("%s is a %s, which a TF checkpoint would not save; %s: %s"
+                    % (where, type(value).__name__, _STATE_RULE, fix))
 
 
 # -- the snapshot plan: TF's gather step, kept while the object graph keeps its shape --

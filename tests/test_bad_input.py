@@ -37,6 +37,54 @@ def test_a_checkpoint_dir_written_by_plain_tf_is_refused_and_left_untouched(tmp_
     assert tf.train.latest_checkpoint(url).endswith("ckpt-100")
 
 
+def test_a_checkpoint_dir_written_by_plain_tf_is_refused_also_with_no_checkpoint_hook(tmp_path):
+    """save_checkpoint_secs=None: rayhooks writes no checkpoint there but would restore from it. TF1
+    resumes from the TF checkpoints it finds; starting from fresh weights instead must not be silent."""
+    url = str(tmp_path / "theirs")
+    tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable([1.0])), url, max_to_keep=3).save(100)
+    with pytest.raises(FileExistsError) as error:
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_secs=None, state={"w": np.zeros(2)}):
+            pass
+    assert url in str(error.value) and "ckpt-100" in str(error.value)
+
+
+@pytest.mark.parametrize("state, named, fix", [
+    ({"params": {"w": np.zeros(2)}}, "state['params']['w'] is a ndarray", "flatten"),
+    ({"layers": [np.zeros(2)]}, "state['layers'][0] is a ndarray", "flatten"),
+    ({"w": np.zeros(2), "epoch": 0}, "state['epoch'] is a int", "np.asarray"),
+    ({"v": tf.Variable(1.0), "w": np.zeros(2)}, "state['w'] is a ndarray", "tf.Variable(...)"),
+    ([tf.Variable(1.0)], "state= is a list", "state={'v0'"),
+    ("weights.ckpt", "state= is a str", "flat dict of numpy arrays"),
+])
+def test_state_a_checkpoint_would_not_hold_is_refused_naming_the_value_and_the_fix(tmp_path, state, named, fix):
+    """A TF checkpoint silently leaves numpy arrays in nested dicts out: the run would resume from
+    a checkpoint holding none of them."""
+    with pytest.raises(TypeError) as error:
+        rh.MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state=state)
+    assert named in str(error.value) and fix in str(error.value)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("built_in", [True, False])
+def test_two_checkpoint_hooks_in_one_directory_are_refused_naming_the_fix(tmp_path, built_in):
+    """TF1 idiom: a hook of your own replaces the session's saver only with save_checkpoint_secs=None.
+    Forgotten, two savers would share the directory, and each one's clean-up deletes the other's
+    files in flight."""
+    url = str(tmp_path / "run")
+    mine = [rh.AsyncCheckpointSaverHook(url, save_steps=5)]
+    if not built_in:
+        mine.append(rh.CheckpointSaverHook("file://" + url + "/", save_steps=3))
+    with pytest.raises(ValueError) as error:
+        rh.MonitoredTrainingSession(checkpoint_dir=url, chief_only_hooks=mine, state={"w": np.zeros(1)},
+                                    **({} if built_in else {"save_checkpoint_secs": None}))
+    assert url in str(error.value) and "save_checkpoint_secs=None" in str(error.value)
+    with rh.MonitoredTrainingSession(checkpoint_dir=url, chief_only_hooks=mine[:1], save_checkpoint_secs=None,
+                                     state={"w": np.zeros(1)}, hooks=[rh.StopAtStepHook(last_step=5)]) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: None)
+    assert rh.CheckpointStore(rh.Storage(url)).latest().step == 5
+
+
 def test_a_checkpoint_dir_written_by_tf1s_saver_with_absolute_paths_is_refused_and_left_untouched(tmp_path):
     """TF1's Saver (Estimator, tf.compat.v1's MonitoredTrainingSession) names its checkpoints in the
     state file by absolute path, where CheckpointManager names them relative to the directory."""

@@ -1,5 +1,6 @@
 """Tier 2: local `MonitoredTrainingSession` end to end on file:// and memory://."""
 
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -254,6 +255,34 @@ def test_keras_model_and_optimizer_round_trip(storage_url):
         status.assert_existing_objects_matched()
         _assert_same_weights(model.weights, tf_model.weights)
         _assert_same_weights(optimizer.variables, tf_optimizer.variables)
+
+
+@pytest.mark.parametrize("updates_every, steps_per_run, warned", [(1, 1, None), (2, 1, "every accumulated"),
+                                                                   (1, 2, "steps_per_run=1")])
+def test_a_global_step_variable_that_moves_otherwise_than_the_runs_counted_is_warned_of_at_close(
+        tmp_path, caplog, updates_every, steps_per_run, warned):
+    """rayhooks reads global_step= once and then counts runs (TF1 read it every run): a step function
+    that accumulates gradients over two runs numbers its checkpoints by runs, which must not pass
+    silently. (steps_per_run=2 with one update a run is the other way round.)"""
+    import tensorflow as tf
+    counter = tf.Variable(0, dtype=tf.int64)
+    runs = []
+
+    def step():
+        runs.append(1)
+        if len(runs) % updates_every == 0:
+            counter.assign_add(1)
+    with caplog.at_level(logging.WARNING, logger="rayhooks"):
+        with rh.MonitoredTrainingSession(checkpoint_dir=str(tmp_path), state={"w": np.zeros(1)},
+                                         global_step=counter, steps_per_run=steps_per_run,
+                                         hooks=[rh.StopAtStepHook(last_step=6)]) as sess:
+            while not sess.should_stop():
+                sess.run(step)
+    messages = [r.getMessage() for r in caplog.records if "global_step=" in r.getMessage()]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "[step=6]" in messages[0]
 
 
 def test_save_graph_def_writes_the_traced_graph(storage_url):
