@@ -4,8 +4,9 @@ import logging
 
 import numpy as np
 
+from rayhooks.handle import NO_STEP_YET
 from rayhooks.session_run_hook import SessionRunArgs, SessionRunHook
-from rayhooks.summary_writer import SummaryWriterCache
+from rayhooks.summary_writer import SummaryWriterCache, check_summary_writer
 from rayhooks.timer import NEVER_STEP, NeverTriggerTimer, SecondOrStepTimer
 
 logger = logging.getLogger("rayhooks")
@@ -45,6 +46,7 @@ class StepCounterHook(SessionRunHook):
                  *, clock=None, storage_options=None):
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
+        check_summary_writer(summary_writer, "StepCounterHook", ("add_scalar",))
         self._timer = SecondOrStepTimer(every_steps=every_n_steps, every_secs=every_n_secs, clock=clock)
         self._summary_writer = summary_writer
         self._output_dir = output_dir
@@ -141,6 +143,10 @@ class LoggingTensorHook(SessionRunHook):
 
     def end(self, session):
         if self._log_at_end:
+            if session.outputs is NO_STEP_YET:  # TF1 ran the tensors; here no step made them
+                logger.info("[step=%d] no step ran in this session: LoggingTensorHook has nothing to log at end",
+                            session.global_step)
+                return
             self._log_tensors(session.run(self._tensors))
 
 

@@ -308,8 +308,11 @@ class CheckpointSaverHook(SessionRunHook):
 
     # -- one save --------------------------------------------------------------
 
-    def _snapshot_and_submit(self, session, step, wait, final=False):
-        """before_save, snapshot, hand to the writer; returns the future, or None if skipped."""
+    def _snapshot_and_submit(self, session, step, wait, final=False, announce=False):
+        """before_save, snapshot, hand to the writer; returns the future, or None if skipped.
+
+        `announce`: log TF1's "Saving checkpoints for" line, where TF1's hook logged it (after before_save).
+        """
         writer = self._writer
         self._check_writer()
         # Until one snapshot was taken its size is unknown: reserve the whole budget.
@@ -323,6 +326,8 @@ class CheckpointSaverHook(SessionRunHook):
             logger.info("[step=%d] Calling checkpoint listeners before saving checkpoint %d...", step, step)
             for listener in self._listeners:
                 listener.before_save(session, step)
+            if announce:
+                logger.info("[step=%d] Saving checkpoints for %d into %s.", step, step, self._save_path)
             started = time.perf_counter()
             with final_snapshot() if final else contextlib.nullcontext():
                 snapshot = self._get_saver(session).snapshot()
@@ -359,8 +364,7 @@ class CheckpointSaverHook(SessionRunHook):
         With `progress` (the final save), a wait over a second shows a bar of the bytes left;
         `final`: the run's last save (its end, a preemption).
         """
-        logger.info("[step=%d] Saving checkpoints for %d into %s.", step, step, self._save_path)
-        future = self._snapshot_and_submit(session, step, wait=True, final=final or progress)
+        future = self._snapshot_and_submit(session, step, wait=True, final=final or progress, announce=True)
         if progress:
             self._wait_for_uploads()
         try:

@@ -58,12 +58,16 @@ class CheckpointInfo:
 
 
 class RetentionPolicy:
-    """Which committed checkpoints to keep, like `tf.train.CheckpointManager`."""
+    """Which committed checkpoints to keep, like `tf.train.CheckpointManager`.
+
+    `max_to_keep=None` keeps every one; so does 0, as in TF1's `Saver` and Estimator's
+    `RunConfig(keep_checkpoint_max=0)` (`CheckpointManager` refuses 0).
+    """
 
     def __init__(self, max_to_keep: Optional[int] = 5, keep_checkpoint_every_n_hours: Optional[float] = None):
-        if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError("max_to_keep must be >= 1 or None (keep all), got %r" % (max_to_keep,))
-        self.max_to_keep = max_to_keep
+        if max_to_keep is not None and max_to_keep < 0:
+            raise ValueError("max_to_keep must be >= 1, or None or 0 (keep all), got %r" % (max_to_keep,))
+        self.max_to_keep = max_to_keep or None
         self.keep_every_secs = None if keep_checkpoint_every_n_hours is None else keep_checkpoint_every_n_hours * 3600
 
     def split(self, infos: List[CheckpointInfo], last_preserved: float):

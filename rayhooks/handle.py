@@ -26,6 +26,13 @@ from typing import Optional
 from rayhooks.session_run_hook import GLOBAL_STEP
 
 
+class _BeforeFirstStep(dict):
+    """A session's outputs before its first step: empty, and a fetch from them says why."""
+
+
+NO_STEP_YET = _BeforeFirstStep()
+
+
 def resolve_fetches(fetches, outputs, stale_step):
     """The values of `fetches` (see `rayhooks.session_run_hook`) given a step's outputs."""
     if fetches is None:
@@ -36,6 +43,9 @@ def resolve_fetches(fetches, outputs, stale_step):
         try:
             value = outputs[fetches]
         except KeyError:
+            if outputs is NO_STEP_YET:
+                raise KeyError("fetch %r: no step has run in this session yet (it stopped before its first), "
+                               "so there is no output of a step to fetch" % (fetches,)) from None
             raise KeyError("fetch %r is not an output of the step; the step returned %s. Return a dict "
                            "from your step function whose keys name the values hooks fetch."
                            % (fetches, sorted(outputs) or "nothing")) from None
@@ -75,7 +85,7 @@ class SessionHandle:
         self.num_workers = num_workers
         self.alive_workers = list(range(num_workers))
         self.latest_checkpoint: Optional[str] = None
-        self.outputs = {}
+        self.outputs = NO_STEP_YET
         self.saver = saver
         self._store = store
         self._woken = False

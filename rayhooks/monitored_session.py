@@ -197,7 +197,7 @@ class MonitoredSession:
             for hook in self._after:
                 fetches = requests.get(hook)
                 values = _NO_VALUES if fetches is None else SessionRunValues(
-                    resolve_fetches(fetches, outputs, stale), None, None)
+                    _fetched_by(hook, fetches, outputs, stale, handle.global_step), None, None)
                 hook.after_run(context, values)
         if context._stop_requested:
             self._should_stop = True
@@ -279,6 +279,13 @@ def _refuse_two_savers_in_one_directory(hooks) -> None:
                     "session's own saver, pass save_checkpoint_secs=None to MonitoredTrainingSession (TF1's "
                     "idiom); otherwise give one of them another directory"
                     % (first.store.url, type(first).__name__, type(second).__name__))
+
+
+def _fetched_by(hook, fetches, outputs, stale, step):
+    try:
+        return resolve_fetches(fetches, outputs, stale)
+    except KeyError as e:
+        raise KeyError("[step=%d] %s.before_run asked for it: %s" % (step, type(hook).__name__, e.args[0])) from None
 
 
 def _read_step(global_step) -> int:

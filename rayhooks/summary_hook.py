@@ -17,7 +17,7 @@ from tensorboard.compat.proto import summary_pb2
 from rayhooks.formats import summaries
 from rayhooks.session_run_hook import GLOBAL_STEP, SessionRunArgs, SessionRunHook
 from rayhooks.storage import Storage
-from rayhooks.summary_writer import SummaryWriterCache
+from rayhooks.summary_writer import SummaryWriterCache, check_summary_writer
 from rayhooks.timer import NEVER_STEP, SecondOrStepTimer
 
 
@@ -38,6 +38,7 @@ class SummarySaverHook(SessionRunHook):
                  scaffold=None, summary_op=None, *, clock=None, storage_options=None):
         if (scaffold is None and summary_op is None) or (scaffold is not None and summary_op is not None):
             raise ValueError("Exactly one of scaffold or summary_op must be provided.")
+        check_summary_writer(summary_writer, "SummarySaverHook", ("add_summary", "add_session_log", "flush"))
         self._summary_op = summary_op
         self._summary_writer = summary_writer
         self._output_dir = output_dir

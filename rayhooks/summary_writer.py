@@ -236,6 +236,17 @@ class SummaryWriter:
             self._drop_spool()
 
 
+def check_summary_writer(writer, hook: str, needs) -> None:
+    """Refuses a `summary_writer=` the hook could not write through, at construction, not at its first summary."""
+    if writer is None or isinstance(writer, SummaryWriter):
+        return
+    missing = [name for name in needs if not callable(getattr(writer, name, None))]
+    if missing:
+        raise TypeError("%s(summary_writer=) got a %s, which has no %s(); pass an rh.SummaryWriter(logdir) "
+                        "(or rh.SummaryWriterCache.get(logdir)). TensorFlow's tf.summary writers record from "
+                        "inside the step, not from a hook" % (hook, type(writer).__name__, "() or ".join(missing)))
+
+
 def _copy(src, dst, chunk=8 << 20):
     src.seek(0)
     while True:

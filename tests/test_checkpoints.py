@@ -164,16 +164,18 @@ def test_max_to_keep(storage_url):
     assert state.all_model_checkpoint_timestamps == [T0 + 240, T0 + 300]
 
 
-def test_max_to_keep_none_keeps_everything(storage_url):
-    store = _store(storage_url, max_to_keep=None)
+@pytest.mark.parametrize("keep_all", [None, 0])
+def test_max_to_keep_none_or_zero_keeps_everything(storage_url, keep_all):
+    """0 as in TF1's Saver and Estimator's RunConfig(keep_checkpoint_max=0)."""
+    store = _store(storage_url, max_to_keep=keep_all)
     for step in range(6):
         _save(store, step)
     assert [i.step for i in store.committed()] == list(range(6))
 
 
 def test_retention_validation():
-    with pytest.raises(ValueError, match="max_to_keep must be >= 1"):
-        rh.RetentionPolicy(max_to_keep=0)
+    with pytest.raises(ValueError, match="max_to_keep must be >= 1, or None or 0"):
+        rh.RetentionPolicy(max_to_keep=-1)
 
 
 def test_deletion_never_removes_the_latest(storage_url):

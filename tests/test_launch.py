@@ -610,8 +610,14 @@ def test_a_summary_writer_reaches_a_ray_chief_as_its_settings(tmp_path, caplog):
 
 
 def test_a_summary_writer_under_launch_must_be_a_rayhooks_one(tmp_path):
-    class FileWriterLike:
+    class FileWriterLike:  # enough for a hook in one process, not for launch's chief
         def add_summary(self, summary, global_step=None):
+            pass
+
+        def add_session_log(self, status, global_step=None):
+            pass
+
+        def flush(self):
             pass
 
     with pytest.raises(ValueError, match="summary_writer must be an rh.SummaryWriter"):

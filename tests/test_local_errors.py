@@ -488,3 +488,31 @@ def test_failing_step_never_makes_a_partial_the_latest(storage_url):
     finally:
         opened.set()
         assert done.wait(TIMEOUT)  # the writer thread finishes before the directory goes away
+
+
+def test_a_fetch_that_is_not_an_output_names_the_hook_and_the_step():
+    with pytest.raises(KeyError) as error:
+        with rh.MonitoredSession(hooks=[rh.NanTensorHook("Loss")], state={"w": np.zeros(1)}) as sess:
+            sess.run(lambda: {"loss": np.float32(0.5)})
+    message = str(error.value)
+    assert "[step=1] NanTensorHook.before_run asked for it" in message
+    assert "'Loss' is not an output of the step" in message and "['loss']" in message
+
+
+def test_a_session_that_runs_no_step_logs_nothing_at_end_and_a_fetch_says_no_step_ran(caplog):
+    """A hook stops the session before its first step (in after_create_session). TF1's
+    LoggingTensorHook(at_end=True) ran the tensors once more; here no step made them, so the hook logs
+    nothing rather than fail the session's close, and session.run says why it has no output."""
+    class StopAtOnce(rh.SessionRunHook):
+        def after_create_session(self, session, coord):
+            coord.request_stop()
+
+    with caplog.at_level(logging.INFO, logger="rayhooks"):
+        with rh.MonitoredSession(hooks=[StopAtOnce(), rh.LoggingTensorHook(["loss"], at_end=True)],
+                                 state={"w": np.zeros(1)}) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: {"loss": np.float32(0.5)})
+    assert sess.global_step == 0
+    assert "nothing to log at end" in caplog.text and "loss =" not in caplog.text
+    with pytest.raises(KeyError, match="no step has run in this session yet"):
+        sess.handle.run("loss")

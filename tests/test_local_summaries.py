@@ -250,3 +250,17 @@ def test_a_resumed_run_does_not_write_the_restored_checkpoints_health_again(tmp_
     steps = [e.step for name in names for e in summary_iterator(os.path.join(url, name))
              for v in e.summary.value if v.tag == "checkpoint/failed_saves"]
     assert sorted(steps) == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize("make_hook, method", [
+    (lambda w: rh.SummarySaverHook(save_steps=1, summary_writer=w, summary_op=["loss"]), "add_summary()"),
+    (lambda w: rh.StepCounterHook(every_n_steps=1, summary_writer=w), "add_scalar()"),
+])
+def test_a_tf2_summary_writer_is_refused_at_construction_naming_the_rayhooks_one(tmp_path, make_hook, method):
+    """tf.summary.create_file_writer's writer records from inside the step: given to a hook, it used to
+    fail at the first summary with TF's AttributeError."""
+    import tensorflow as tf
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with pytest.raises(TypeError) as error:
+        make_hook(writer)
+    assert method in str(error.value) and "rh.SummaryWriter(logdir)" in str(error.value)

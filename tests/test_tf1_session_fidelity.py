@@ -191,3 +191,46 @@ def test_logging_tensor_hook_logs_values_not_tensor_reprs():
             while not sess.should_stop():
                 sess.run(step)
     assert _logged("rayhooks", body) == ["w = 1.0", "w = 2.0"]
+
+
+def _saver_lines(logger_name, body):
+    cap, logger = _Capture(), logging.getLogger(logger_name)
+    old = logger.level
+    logger.addHandler(cap)
+    logger.setLevel(logging.INFO)
+    try:
+        body()
+    finally:
+        logger.removeHandler(cap)
+        logger.setLevel(old)
+    lines = [line.split("] ", 1)[1] if line.startswith("[step=") else line for line in cap.lines]
+    return [line.split(" into ")[0] for line in lines
+            if line.startswith(("Calling checkpoint listeners", "Saving checkpoints for"))]
+
+
+def test_checkpoint_saver_hook_logs_its_lines_in_tf1s_order(tmp_path):
+    """'Calling checkpoint listeners before saving', then 'Saving checkpoints for', then the after line."""
+    def tf1():
+        with tf.Graph().as_default():
+            gs = tf.compat.v1.train.get_or_create_global_step()
+            tf.compat.v1.get_variable("w", shape=(), use_resource=True)
+            train = tf.compat.v1.assign_add(gs, 1)
+            hooks = [tf.compat.v1.train.StopAtStepHook(last_step=4),
+                     tf.compat.v1.train.CheckpointSaverHook(str(tmp_path / "tf1"), save_steps=2,
+                                                            listeners=[tf.compat.v1.train.CheckpointSaverListener()])]
+            with tf.compat.v1.train.MonitoredTrainingSession(hooks=hooks, save_checkpoint_secs=None,
+                                                             save_summaries_steps=None) as sess:
+                while not sess.should_stop():
+                    sess.run(train)
+
+    def rayhooks():
+        hooks = [rh.StopAtStepHook(last_step=4),
+                 rh.CheckpointSaverHook(str(tmp_path / "rh"), save_steps=2, listeners=[rh.CheckpointSaverListener()])]
+        with rh.MonitoredTrainingSession(hooks=hooks, state={"w": np.zeros(1)}, save_checkpoint_secs=None,
+                                         save_summaries_steps=None) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: None)
+    expected = _saver_lines("tensorflow", tf1)
+    assert expected[:3] == ["Calling checkpoint listeners before saving checkpoint 0...",
+                            "Saving checkpoints for 0", "Calling checkpoint listeners after saving checkpoint 0..."]
+    assert _saver_lines("rayhooks", rayhooks) == expected
