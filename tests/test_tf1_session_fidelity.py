@@ -26,7 +26,8 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _logged(logger_name, body):
+def _captured(logger_name, body):
+    """The INFO messages `logger_name` logs while `body()` runs."""
     cap, logger = _Capture(), logging.getLogger(logger_name)
     old = logger.level
     logger.addHandler(cap)
@@ -36,7 +37,11 @@ def _logged(logger_name, body):
     finally:
         logger.removeHandler(cap)
         logger.setLevel(old)
-    return [line.split(" (")[0] for line in cap.lines if line.startswith("w = ")]
+    return cap.lines
+
+
+def _logged(logger_name, body):
+    return [line.split(" (")[0] for line in _captured(logger_name, body) if line.startswith("w = ")]
 
 
 def _tf1_logging(last_step, **kwargs):
@@ -194,16 +199,7 @@ def test_logging_tensor_hook_logs_values_not_tensor_reprs():
 
 
 def _saver_lines(logger_name, body):
-    cap, logger = _Capture(), logging.getLogger(logger_name)
-    old = logger.level
-    logger.addHandler(cap)
-    logger.setLevel(logging.INFO)
-    try:
-        body()
-    finally:
-        logger.removeHandler(cap)
-        logger.setLevel(old)
-    lines = [line.split("] ", 1)[1] if line.startswith("[step=") else line for line in cap.lines]
+    lines = [line.split("] ", 1)[1] if line.startswith("[step=") else line for line in _captured(logger_name, body)]
     return [line.split(" into ")[0] for line in lines
             if line.startswith(("Calling checkpoint listeners", "Saving checkpoints for"))]
 
