@@ -75,6 +75,11 @@ def _next_due(timer):
     return (0, None) if at is None else (NEVER_STEP, at)
 
 
+# TF1's hook ignores what after_save returns for the save it makes as the session is created.
+IGNORED_FIRST_STOP = ("a CheckpointSaverListener asked to stop after the save made as the session was created; "
+                      "ignored, as TF1's CheckpointSaverHook ignores it")
+
+
 class CheckpointSaverListener:
     """Callbacks around each save of a checkpoint hook. Every method is optional.
 
@@ -252,6 +257,7 @@ class CheckpointSaverHook(SessionRunHook):
 
     def after_create_session(self, session, coord):
         step = session.global_step
+        self._created_at = None
         committed = self.store.get(step) if session.latest_checkpoint else None
         if committed is not None:
             # The session just restored this very checkpoint. TF1 saved it again; rayhooks
@@ -260,7 +266,8 @@ class CheckpointSaverHook(SessionRunHook):
             # listener calls TF1 makes here.
             self._replay_save(session, step, committed)
         else:
-            self._save(session, step)
+            self._created_at = step
+            self._save(session, step)  # a stop it asks for is ignored, as TF1 ignored it
         self._timer.update_last_triggered_step(step)
         self._due = 0  # the first run still writes the graph
         self._session_handle = session
@@ -488,7 +495,11 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         completed = self._writer.completed
         while completed:
             step, info = completed.popleft()
-            should_stop = self._after_commit(session, step, info) or should_stop
+            if self._after_commit(session, step, info):
+                if step == self._created_at:
+                    logger.info("[step=%d] %s", step, IGNORED_FIRST_STOP)
+                else:
+                    should_stop = True
         return should_stop
 
     def _drain(self, session):

@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Dict, List, Optional
 
+from rayhooks.checkpoint_hooks import IGNORED_FIRST_STOP
 from rayhooks.checkpoints import MANIFEST_SUFFIX
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, resolve_fetches
@@ -73,6 +74,7 @@ class Chief:
         self._rules: Dict[str, Action] = {}
         self._before_saved = set()
         self._recovered_from = -1  # a restarted chief: the checkpoint it rebuilt from (-1: none)
+        self._created_at = None  # the step of the save made as the workers were created
         self._cancelled = set()  # planned steps a writer skipped: the final save must not count on them
         self._final_saves = set()  # final saves announced by a worker's end, which the other writers owe too
         self.recoveries = 0
@@ -150,6 +152,7 @@ class Chief:
             if self._failure is not None:  # it ignores their reports: no save of theirs may wait for it
                 first.update(settled=None, chief_failed=True)
             return first
+        self._created_at = start_step
         stop = self.planner.initial_stop()
         actions = self.planner.tick(start_step, self.planner.min_margin)
         if self.session.latest_checkpoint is not None:
@@ -509,7 +512,9 @@ class Chief:
                 logger.info("[step=%d] A CheckpointSaverListener requested that training be stopped. "
                             "listener: %s", step, listener)
                 stop = True
-        if stop:
+        if stop and step == self._created_at:
+            logger.info("[step=%d] %s", step, IGNORED_FIRST_STOP)
+        elif stop:
             self._broadcast((), self.planner.request_stop(max(self.progress.values()), self._margin()))
 
     def recover(self) -> None:

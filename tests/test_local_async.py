@@ -330,6 +330,22 @@ def test_stop_from_after_save_is_honoured(storage_url):
     assert _committed(storage_url)[-1] == sess.global_step
 
 
+@pytest.mark.parametrize("async_hook", [False, True])
+def test_a_stop_asked_for_after_the_save_made_as_the_session_is_created_is_ignored_as_in_tf1(storage_url,
+                                                                                            async_hook):
+    """TF1's hook ignores what after_save returns for its save in after_create_session; the async hook
+    runs that after_save later, at a step boundary, and used to stop the run there."""
+    state, step, _ = _numpy_state()
+    recorder = Recorder(storage_url, stop_at=0)
+    hook = (rh.AsyncCheckpointSaverHook(storage_url, save_steps=100, listeners=[recorder], in_flight="wait")
+            if async_hook else rh.CheckpointSaverHook(storage_url, save_steps=100, listeners=[recorder]))
+    with _session(storage_url, hook, state=state, hooks=[rh.StopAtStepHook(last_step=6)]) as sess:
+        while not sess.should_stop():
+            sess.run(step)
+    assert ("after_save", 0) in recorder.calls
+    assert sess.global_step == 6 and _committed(storage_url) == [0, 6]
+
+
 def test_async_session_flag(storage_url):
     state, step, extract = _numpy_state()
     with rh.MonitoredTrainingSession(checkpoint_dir=storage_url, state=state, async_checkpoint=True,

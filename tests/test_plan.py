@@ -278,6 +278,18 @@ def _shard(store, step, worker=0):
     return (step, worker, store.write_data(step, {"w": np.full(2, step, np.float32)}, prefix=prefix))
 
 
+def test_chief_ignores_a_stop_asked_for_after_the_first_save_as_tf1_and_honours_a_later_one(tmp_path):
+    """TF1's hook ignores after_save's answer for the save made as the session is created."""
+    chief, listener, sent, store = _chief(tmp_path, rh.ManualClock(0.0), save_steps=5)
+    listener.after_save = lambda session, step: True
+    chief.start()
+    chief.workers_created(0)
+    chief.report(0, 1, 1.0, {}, [_shard(store, 0)], {})
+    assert chief.committed == [0] and not [u for _, u in sent if u.get("stop_step") is not None]
+    chief.report(0, 6, 2.0, {}, [_shard(store, 5)], {})
+    assert chief.committed == [0, 5] and [u for _, u in sent if u.get("stop_step") is not None]
+
+
 def test_chief_plans_a_secs_save_from_the_hook_clock_and_measured_rates(tmp_path):
     clock = rh.ManualClock(1000.0)
     chief, listener, sent, store = _chief(tmp_path, clock, save_secs=60)
