@@ -8,7 +8,8 @@ error messages; see the README for the TF1 -> rayhooks mapping.
 
 from rayhooks.basic_hooks import (LoggingTensorHook, NanLossDuringTrainingError, NanTensorHook,
                                   StepCounterHook, StopAtStepHook)
-from rayhooks.checkpoint_hooks import AsyncCheckpointSaverHook, CheckpointSaverHook, CheckpointSaverListener
+from rayhooks.checkpoint_hooks import (AsyncCheckpointSaverHook, CheckpointSaverHook, CheckpointSaverListener,
+                                       Preempted)
 from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, RetentionPolicy
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle
@@ -28,7 +29,7 @@ __all__ = [
     "AsyncCheckpointSaverHook", "CheckpointInfo", "CheckpointSaverHook", "CheckpointSaverListener",
     "CheckpointStore", "Coordinator", "GLOBAL_STEP", "LoggingTensorHook", "ManualClock",
     "MonitoredSession", "MonitoredTrainingSession", "NanLossDuringTrainingError", "NanTensorHook",
-    "NeverTriggerTimer", "NumpySaver", "RetentionPolicy", "RetryPolicy", "Scaffold",
+    "NeverTriggerTimer", "NumpySaver", "Preempted", "RetentionPolicy", "RetryPolicy", "Scaffold",
     "SecondOrStepTimer", "SessionHandle", "SessionRunArgs", "SessionRunContext", "SessionRunHook",
     "SessionRunValues", "Snapshot", "StepCounterHook", "StopAtStepHook", "Storage", "SummarySaverHook",
     "SummaryWriter", "SummaryWriterCache", "TrackableSaver",

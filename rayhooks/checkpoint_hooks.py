@@ -75,6 +75,35 @@ def _next_due(timer):
     return (0, None) if at is None else (NEVER_STEP, at)
 
 
+class Preempted(SystemExit):
+    """Raised as a run stopped by a preemption signal ends, after its emergency checkpoint and `end` hooks.
+
+    A preempted run is not a finished one: uncaught, this exits the process with
+    status 128 + the signal's number (143 for SIGTERM), as the signal itself would
+    have, so that a job system (a Kubernetes Job, a RayJob) runs it again, and the
+    run resumes from `checkpoint`. Catch it to go on in the same process.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint=None, result=None):
+        super().__init__(128 + int(signum))
+        self.signum, self.step, self.checkpoint, self.result = int(signum), step, checkpoint, result
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.step, self.checkpoint, self.result)
+
+    def __str__(self):
+        name = signal.Signals(self.signum).name if self.signum in set(signal.Signals) else str(self.signum)
+        return ("preempted by %s at step %d; the emergency checkpoint %s is committed: run the same command "
+                "again to resume from it" % (name, self.step, self.checkpoint))
+
+
+def preempted(signum: int, step: int, checkpoint) -> Preempted:
+    """The exception that ends a preempted run, logged, as SystemExit's own exit prints nothing."""
+    error = Preempted(signum, step, checkpoint)
+    logger.warning("[step=%d] %s; exiting with status %d", step, error, error.code)
+    return error
+
+
 # TF1's hook ignores what after_save returns for the save it makes as the session is created.
 IGNORED_FIRST_STOP = ("a CheckpointSaverListener asked to stop after the save made as the session was created; "
                       "ignored, as TF1's CheckpointSaverHook ignores it")
@@ -110,7 +139,7 @@ class CheckpointSaverHook(SessionRunHook):
     retries stops the run; "retry_next_save": it is logged and counted in
     `failed_saves`, and training goes on) and `save_on_signals` (the signals
     that save at the next step boundary and stop the run; SIGTERM by default,
-    `()` for none).
+    `()` for none; the session then raises `Preempted` as it closes).
     """
 
     _what = "checkpoint save"
@@ -130,6 +159,8 @@ class CheckpointSaverHook(SessionRunHook):
         self._save_on_signals = tuple(save_on_signals or ())
         self._listening = set()  # the signals this hook hears through the shared handler
         self._preempted = False
+        self._signal = signal.SIGTERM
+        self.preempted_by = None  # (signal, step) once a signal stopped the run
         self._session_handle = None
         self.failed_saves = 0
         self._failed_step = None  # the step of the last save that failed under retry_next_save
@@ -192,6 +223,7 @@ class CheckpointSaverHook(SessionRunHook):
     def _on_signal(self, signum, frame):
         # Runs between bytecodes of the training thread: only set flags here.
         self._preempted = True
+        self._signal = signum
         self._due = 0
         if self._session_handle is not None:
             self._session_handle.wake()
@@ -217,6 +249,7 @@ class CheckpointSaverHook(SessionRunHook):
             CheckpointSaverHook._save(self, run_context.session, step, final=True)
             self._timer.update_last_triggered_step(step)
             self._last_checkpoint_step = step  # what the async hook's `end` compares with
+        self.preempted_by = (self._signal, step)  # the session raises Preempted once it closed
         run_context.request_stop()
 
     def _last_saved_step(self):
@@ -258,6 +291,7 @@ class CheckpointSaverHook(SessionRunHook):
     def after_create_session(self, session, coord):
         step = session.global_step
         self._created_at = None
+        self.preempted_by = None
         committed = self.store.get(step) if session.latest_checkpoint else None
         if committed is not None:
             # The session just restored this very checkpoint. TF1 saved it again; rayhooks

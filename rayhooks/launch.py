@@ -13,10 +13,12 @@ and reports to the chief without waiting on it.
 import dataclasses
 import json
 import logging
+import signal
 import threading
 from typing import Dict, List, Optional
 
 from rayhooks.basic_hooks import StopAtStepHook
+from rayhooks.checkpoint_hooks import preempted
 from rayhooks.chief import Chief
 from rayhooks.session_run_hook import check_hooks
 from rayhooks.spec import build_spec
@@ -79,7 +81,9 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         worker fails (raises, or its actor or node dies). A restart resumes
         every worker from the latest committed checkpoint and runs the
         hooks' `after_create_session` again; the chief and its listeners
-        carry on. Past the limit, `launch` raises the worker's error.
+        carry on. Past the limit, `launch` raises the worker's error. A
+        preempted worker (SIGTERM) counts as a failure after its emergency
+        checkpoint: past the limit, `launch` raises `rh.Preempted`.
       name: names the run's Ray actors `rayhooks-<name>-worker-<i>`
         (default: a random name).
       worker_niceness: the nice value of each Ray worker's process. Ray
@@ -299,7 +303,8 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
                     failure = (getattr(cause, "worker_index", refs.index(done[0])), cause)
                     break
             if failure is None:
-                if call("needs_restart") and failures < max_failures:
+                stopped_early = call("needs_restart")  # a preemption stopped this pass before the last step
+                if stopped_early and failures < max_failures:
                     failures += 1  # preempted: resume on a fresh worker group from the emergency save
                     stop_workers()
                     call("workers_lost", "a worker was preempted (SIGTERM)")
@@ -323,7 +328,12 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
             raise cause from getattr(cause, "original", None)
         finished = True
         summary = call("finish")
-        return _result(summary, ray.get(refs))
+        result = _result(summary, ray.get(refs))
+        if stopped_early:  # no restart left: a preempted run must not pass for a finished one
+            error = preempted(signal.SIGTERM, result.last_step, result.latest_checkpoint)
+            error.result = result
+            raise error
+        return result
     finally:
         stop_workers()
         if not finished:  # Ctrl-C, say: ray.kill skips the chief's exit-time flush of its summaries

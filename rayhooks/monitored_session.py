@@ -19,6 +19,7 @@ A step with no planned action does no I/O: the hooks only compare integers.
 import logging
 import sys
 
+from rayhooks.checkpoint_hooks import preempted
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
 from rayhooks.savers import as_saver
@@ -234,6 +235,9 @@ class MonitoredSession:
             # As TF1's session close (Coordinator.join): an error a hook reported with
             # `coord.request_stop(ex)` is raised here, after the `end` hooks, never dropped (I6).
             self.coord.raise_requested_exception()
+            by = next((h.preempted_by for h in self._hooks if getattr(h, "preempted_by", None)), None)
+            if by is not None:  # a preempted run is not a finished one: the job must run again
+                raise preempted(by[0], by[1], self.handle.latest_checkpoint)
 
     def _check_step_count(self) -> None:
         """Warns when `global_step=` advanced otherwise than the runs counted: TF1 read it every run."""

@@ -40,11 +40,17 @@ def _train(hooks, last_step=100, on_step=None):
         if on_step is not None:
             on_step(int(state["w"][0]))
 
-    with rh.MonitoredTrainingSession(state=state, chief_only_hooks=hooks, save_checkpoint_secs=None,
-                                     save_summaries_steps=None, log_step_count_steps=None,
-                                     hooks=[rh.StopAtStepHook(last_step=last_step)]) as sess:
-        while not sess.should_stop():
-            sess.run(step)
+    sess = None
+    try:
+        with rh.MonitoredTrainingSession(state=state, chief_only_hooks=hooks, save_checkpoint_secs=None,
+                                         save_summaries_steps=None, log_step_count_steps=None,
+                                         hooks=[rh.StopAtStepHook(last_step=last_step)]) as sess:
+            while not sess.should_stop():
+                sess.run(step)
+    except rh.Preempted as e:  # a signal stopped the run: raised once the session closed
+        assert e.code == 128 + signal.SIGTERM and e.step == sess.global_step
+        assert e.checkpoint == sess.handle.latest_checkpoint and e.checkpoint.endswith("-%d" % e.step)
+        return sess.global_step
     return sess.global_step
 
 
@@ -68,6 +74,31 @@ def test_sigterm_during_a_save_saves_and_stops_at_the_next_step(tmp_path, make):
     recorder = Recorder(signal_at=5)
     assert _train([make(url, recorder)]) == 6
     assert _committed(url) == [0, 5, 6]
+
+
+def test_a_signalled_run_raises_preempted_once_closed_and_an_unsignalled_one_does_not(tmp_path):
+    """A preempted run is not a finished one: after the emergency checkpoint and the end hooks, the
+    session raises rh.Preempted, a SystemExit with the signal's status (143), so that the process exits
+    as the signal would have made it, and a job system runs it again."""
+    recorder = Recorder()
+    state = {"w": np.zeros(1)}
+
+    def step():
+        state["w"] += 1
+        if state["w"][0] == 4:
+            signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(rh.Preempted) as error:
+        with rh.MonitoredTrainingSession(state=state, checkpoint_dir=str(tmp_path / "a"), save_checkpoint_secs=None,
+                                         chief_only_hooks=[rh.CheckpointSaverHook(str(tmp_path / "a"), save_steps=100,
+                                                                                  listeners=[recorder])],
+                                         hooks=[rh.StopAtStepHook(last_step=100)]) as sess:
+            while not sess.should_stop():
+                sess.run(step)
+    assert isinstance(error.value, SystemExit) and error.value.code == 143 and error.value.step == 4
+    assert error.value.checkpoint == str(tmp_path / "a") + "/model.ckpt-4"
+    assert recorder.calls[-1] == ("end", 4)             # after the end hooks
+    assert _committed(str(tmp_path / "a")) == [0, 4]
+    assert _train([rh.CheckpointSaverHook(str(tmp_path / "b"), save_steps=100)], last_step=5) == 5
 
 
 def test_async_emergency_save_is_not_made_again_at_end(tmp_path):

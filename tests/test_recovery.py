@@ -246,6 +246,27 @@ def test_ray_worker_sigterm_saves_an_emergency_checkpoint_and_resumes(ray_sessio
     assert store.verify(info) == [] and float(store.reader(info).read_tensors()["w"][0]) == emergency
 
 
+def test_ray_worker_sigterm_with_no_restart_left_raises_preempted_after_the_emergency_checkpoint(
+        ray_session, tmp_path):
+    """max_failures=0: the run stops at the emergency checkpoint, and must not pass for a finished one
+    (a Kubernetes Job or RayJob would record it as succeeded): launch raises rh.Preempted, a SystemExit
+    with status 143, carrying the run's result."""
+    import ray
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ckpt, saved = str(tmp_path / "ckpt"), str(tmp_path / "saved.log")
+    with pytest.raises(rh.Preempted) as error:
+        rh.launch(_slow_train, 2, backend="ray", name="sigterm-once", tf_config=False,
+                  chief_only_hooks=[rh.CheckpointSaverHook(
+                      ckpt, save_steps=1000, listeners=[PreemptWorkerOnce("sigterm-once", 0, saved)])],
+                  hooks=[rh.StopAtStepHook(last_step=300)])
+    steps = [int(s) for s in open(saved).read().split()]
+    assert len(steps) == 2 and steps[0] == 0 and 0 < steps[1] < 300, steps  # first, emergency; no final
+    preempted = error.value
+    assert preempted.code == 143 and preempted.step == steps[1] == preempted.result.last_step
+    assert preempted.checkpoint == rh.CheckpointStore(rh.Storage(ckpt)).latest().url
+    assert "launch" not in str(preempted) and "run the same command again" in str(preempted)
+
+
 def _exit_worker_1_at_step_30(ctx):
     state = {"w": np.zeros(2, np.float32)}
 
