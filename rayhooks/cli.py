@@ -222,7 +222,8 @@ def cmd_ls(args) -> int:
     if infos:
         summary += ", latest step %d (%s)" % (latest, newest.url)
     if n_partial:
-        summary += "; %d partial file(s) (`rayhooks gc` removes the stale ones)" % n_partial
+        summary += ("; %d partial file(s) (`rayhooks gc` removes those older than the latest commit; newer "
+                    "ones may belong to a save in flight)" % n_partial)
     print(summary)
     return 0
 
@@ -346,7 +347,6 @@ def _safe_name(url: str, name: str) -> str:
 
 
 def cmd_restore(args) -> int:
-    import google_crc32c
     from rayhooks.checkpoints import MANIFEST_SUFFIX, STATE_FILE
     from rayhooks.formats import state_file
 
@@ -365,7 +365,11 @@ def cmd_restore(args) -> int:
     if args.step is None and newer:
         _warn("%s: the manifest of step %d is malformed (see `rayhooks verify`); restoring step %d"
               % (args.url, max(newer), info.step))
-    dest = os.path.abspath(os.path.expanduser(args.to))
+    to = args.to[len("file://"):] if args.to.startswith("file://") else args.to
+    if "://" in to:
+        raise UsageError("--to %s is not a local directory: restore downloads a checkpoint for TensorFlow to "
+                         "read from local disk (its readers do not speak every URL); pass a path" % args.to)
+    dest = os.path.abspath(os.path.expanduser(to))
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise UsageError("--to %s is a file; pass a directory to restore into" % args.to)
     src_root = store.storage.local_root
@@ -374,9 +378,43 @@ def cmd_restore(args) -> int:
     _refuse_foreign_destination(args.to, dest)
     os.makedirs(dest, exist_ok=True)
 
-    names = [_safe_name(store.url, n) for n in sorted(info.files)]
+    # Without --step, as a session resumes: the newest checkpoint whose files check out.
+    candidates = [info] if args.step is not None else sorted(infos, key=lambda i: (i.timestamp, i.step),
+                                                              reverse=True)
+    for n, info in enumerate(candidates):
+        problems = _download(args, store, info, dest)
+        if not problems:
+            break
+        print("BAD  step %d  %s: not restored" % (info.step, info.url))
+        for problem in problems:
+            print("     - %s" % problem)
+        if n + 1 < len(candidates):
+            _warn("%s: step %d is damaged (see `rayhooks verify`); trying step %d, the newest before it"
+                  % (args.url, info.step, candidates[n + 1].step))
+    else:
+        return 1
+    names = sorted(info.files)
     manifest_name = info.prefix + MANIFEST_SUFFIX
-    _safe_name(store.url, manifest_name)
+    # The manifest too, so that `rayhooks ls/verify DIR` work on the copy.
+    _write_local(os.path.join(dest, manifest_name), store.storage.read_bytes(manifest_name))
+    state = state_file.CheckpointState(model_checkpoint_path=info.prefix,
+                                       all_model_checkpoint_paths=[info.prefix],
+                                       all_model_checkpoint_timestamps=[info.timestamp])
+    _write_local(os.path.join(dest, STATE_FILE), state_file.format_state(state).encode())
+    print("restored step %d (%d files, %s, checksums OK) from %s to %s"
+          % (info.step, len(names), human_size(info.nbytes), info.url, os.path.join(dest, info.prefix)))
+    return 0
+
+
+def _download(args, store, info, dest) -> List[str]:
+    """Copies `info`'s files into `dest`, checking each one's checksum as it streams; returns the problems.
+
+    Files land under their names only when all of them check out.
+    """
+    import google_crc32c
+    from rayhooks.checkpoints import MANIFEST_SUFFIX
+    names = [_safe_name(store.url, n) for n in sorted(info.files)]
+    _safe_name(store.url, info.prefix + MANIFEST_SUFFIX)
     tag = uuid.uuid4().hex[:12]
     staged, problems = [], []
     try:
@@ -405,28 +443,15 @@ def cmd_restore(args) -> int:
             if size != meta["bytes"] or found != meta["crc32c"]:
                 problems.append("%s: expected %d bytes crc32c %08x, found %d bytes crc32c %08x"
                                 % (store.storage.url_of(name), meta["bytes"], meta["crc32c"], size, found))
-        if problems:
-            print("BAD  step %d  %s: not restored" % (info.step, info.url))
-            for problem in problems:
-                print("     - %s" % problem)
-            return 1
-        for tmp, final in staged:
-            os.replace(tmp, final)
-        staged = []
+        if not problems:
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            staged = []
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-
-    # The manifest too, so that `rayhooks ls/verify DIR` work on the copy.
-    _write_local(os.path.join(dest, manifest_name), store.storage.read_bytes(manifest_name))
-    state = state_file.CheckpointState(model_checkpoint_path=info.prefix,
-                                       all_model_checkpoint_paths=[info.prefix],
-                                       all_model_checkpoint_timestamps=[info.timestamp])
-    _write_local(os.path.join(dest, STATE_FILE), state_file.format_state(state).encode())
-    print("restored step %d (%d files, %s, checksums OK) from %s to %s"
-          % (info.step, len(names), human_size(info.nbytes), info.url, os.path.join(dest, info.prefix)))
-    return 0
+    return problems
 
 
 def _refuse_foreign_destination(to: str, dest: str) -> None:

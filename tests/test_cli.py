@@ -331,10 +331,36 @@ def test_restore_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys):
     with open(index, "wb") as f:
         f.write(raw)
     dest = str(tmp_path / "restored")
-    code, out, _ = _run(capsys, "restore", run_dir, "--to", dest, "-q")
+    code, out, _ = _run(capsys, "restore", run_dir, "--step", "30", "--to", dest, "-q")
     assert code == 1
     assert out.startswith("BAD  step 30") and "model.ckpt-30.index: expected" in out
     assert os.listdir(dest) == []  # neither files nor a state file naming them
+
+
+def test_restore_without_a_step_falls_back_past_a_damaged_latest_as_a_session_does(run_dir, tmp_path, capsys):
+    index = os.path.join(run_dir, "model.ckpt-30.index")
+    raw = bytearray(open(index, "rb").read())
+    raw[0] ^= 0xFF
+    with open(index, "wb") as f:
+        f.write(raw)
+    dest = str(tmp_path / "restored")
+    code, out, err = _run(capsys, "restore", run_dir, "--to", dest, "-q")
+    assert code == 0 and out.startswith("BAD  step 30") and "restored step 20" in out
+    assert "step 30 is damaged" in err and "trying step 20" in err
+    assert sorted(os.listdir(dest)) == ["checkpoint", "model.ckpt-20.data-00000-of-00001", "model.ckpt-20.index",
+                                        "model.ckpt-20.manifest.json"]
+
+
+@pytest.mark.parametrize("to", ["gs://bucket/x", "memory://x"])
+def test_restore_to_a_url_that_is_not_local_is_refused(run_dir, tmp_path, capsys, monkeypatch, to):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, _, err = _run(capsys, "restore", run_dir, "--to", to)
+    assert code == 2 and "is not a local directory" in err
+    assert os.listdir(cwd) == []               # not ./gs:/bucket/x
+    code, out, _ = _run(capsys, "restore", run_dir, "--to", "file://" + str(tmp_path / "local"), "-q")
+    assert code == 0 and os.path.exists(tmp_path / "local" / "checkpoint")
 
 
 def _tf1_saver_dir(tf_dir, steps):
