@@ -324,12 +324,15 @@ def test_restore_is_readable_by_tensorflow(where, tmp_path, memory_url, capsys, 
     assert _run(capsys, "verify", dest)[0] == 0
 
 
-def test_restore_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys):
-    index = os.path.join(run_dir, "model.ckpt-30.index")
-    raw = bytearray(open(index, "rb").read())
+def _flip_a_byte(path):
+    raw = bytearray(open(path, "rb").read())
     raw[0] ^= 0xFF
-    with open(index, "wb") as f:
+    with open(path, "wb") as f:
         f.write(raw)
+
+
+def test_restore_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys):
+    _flip_a_byte(os.path.join(run_dir, "model.ckpt-30.index"))
     dest = str(tmp_path / "restored")
     code, out, _ = _run(capsys, "restore", run_dir, "--step", "30", "--to", dest, "-q")
     assert code == 1
@@ -338,11 +341,7 @@ def test_restore_refuses_a_damaged_checkpoint(run_dir, tmp_path, capsys):
 
 
 def test_restore_without_a_step_falls_back_past_a_damaged_latest_as_a_session_does(run_dir, tmp_path, capsys):
-    index = os.path.join(run_dir, "model.ckpt-30.index")
-    raw = bytearray(open(index, "rb").read())
-    raw[0] ^= 0xFF
-    with open(index, "wb") as f:
-        f.write(raw)
+    _flip_a_byte(os.path.join(run_dir, "model.ckpt-30.index"))
     dest = str(tmp_path / "restored")
     code, out, err = _run(capsys, "restore", run_dir, "--to", dest, "-q")
     assert code == 0 and out.startswith("BAD  step 30") and "restored step 20" in out
