@@ -107,11 +107,25 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         raise ValueError("max_failures must be >= 0, got %r" % (max_failures,))
     import uuid
     name = name or uuid.uuid4().hex[:8]
+    if backend == "ray":
+        _refuse_memory_urls(spec)
     if backend == "local":
         return _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
                           report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name)
     return _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
                     report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name, worker_niceness)
+
+
+def _refuse_memory_urls(spec) -> None:
+    from rayhooks.storage import Storage
+    urls = [("checkpoint_dir", spec.checkpoint.store.url if spec.checkpoint is not None else None),
+            ("SummarySaverHook's output_dir", spec.summary.output_dir if spec.summary is not None else None)]
+    for what, url in urls:
+        if url is not None and Storage(url).in_process:
+            raise ValueError("%s %s lives inside one process: under backend='ray' the chief and each worker "
+                             "would each write to and read from a store of its own, and nothing would be left "
+                             "after the run. Use a directory every node reaches (gs://, s3://, a shared file "
+                             "system), or backend='local'" % (what, url))
 
 
 def announce_latency(report_interval: float) -> float:

@@ -609,6 +609,17 @@ def test_a_summary_writer_reaches_a_ray_chief_as_its_settings(tmp_path, caplog):
         rh.SummaryWriterCache.clear()
 
 
+@pytest.mark.parametrize("which", ["checkpoint", "summaries"])
+def test_memory_urls_are_refused_under_ray_before_anything_starts(which):
+    """memory:// lives inside one process: the chief and each Ray worker would see a store of its own,
+    and the LaunchResult would name checkpoints that exist nowhere once the actors exit."""
+    hooks = ([rh.CheckpointSaverHook("memory://launch-refused/run", save_steps=5)] if which == "checkpoint" else
+             [rh.SummarySaverHook(save_steps=5, output_dir="memory://launch-refused/tb", summary_op=["loss"])])
+    with pytest.raises(ValueError, match="memory://launch-refused/.* lives inside one process.*backend='local'"):
+        rh.launch(count_steps, 1, backend="ray", chief_only_hooks=hooks, hooks=[rh.StopAtStepHook(last_step=5)],
+                  ray_init_kwargs={"address": "refused-before-ray-starts:1"})
+
+
 def test_a_summary_writer_under_launch_must_be_a_rayhooks_one(tmp_path):
     class FileWriterLike:  # enough for a hook in one process, not for launch's chief
         def add_summary(self, summary, global_step=None):
