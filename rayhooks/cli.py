@@ -124,6 +124,10 @@ def _open_store(args):
                      if n.endswith(MANIFEST_SUFFIX) and "-" in n})
     if others:
         hint = "its manifests use basename %s: pass --basename %s" % (", ".join(others), others[0])
+    else:
+        inside = _checkpoint_dirs_in(storage, names, MANIFEST_SUFFIX)
+        if inside:
+            hint = "the checkpoints are in %s: pass that" % " or ".join(inside)
     raise UsageError("%s is not a checkpoint directory (no %s-*%s manifests, no %r state file); %s"
                      % (args.url, args.basename, MANIFEST_SUFFIX, STATE_FILE, hint))
 
@@ -152,6 +156,18 @@ def _committed(store):
         if name.endswith(MANIFEST_SUFFIX) and store._pattern.fullmatch(name) and name not in known:
             malformed[_step_of(store, name)] = name
     return good, malformed
+
+
+def _checkpoint_dirs_in(storage, names, manifest_suffix, most=20):
+    """URLs of the entries of `storage` that hold manifests (a run's `ckpt` subdirectory, say)."""
+    found = []
+    for name in sorted(names)[:most]:
+        try:
+            if any(n.endswith(manifest_suffix) for n in storage.child(name).listdir()):
+                found.append(storage.url_of(name))
+        except (OSError, ValueError):  # a file, not a directory; or unreadable: no hint from it
+            continue
+    return found
 
 
 def _pick(store, args, infos):

@@ -35,7 +35,8 @@ class LaunchResult:
     """What a launched run produced."""
 
     last_step: int
-    checkpoints: List[int]            # steps committed during this run
+    checkpoints: List[int]            # steps committed during this run (after a chief restart: from the
+                                      # checkpoint it rebuilt itself from on; `rayhooks ls` lists them all)
     latest_checkpoint: Optional[str]  # URL prefix of the newest committed checkpoint
     metrics: Dict[str, float]         # worker 0's last scalar step outputs
     skipped_saves: int

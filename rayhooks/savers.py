@@ -347,8 +347,13 @@ class TrackableSaver:
     def restore(self, checkpoint) -> None:
         # TF restores some variables later, when they are created (optimizer slots on the
         # first step), from the same files: a downloaded copy must outlive this call.
+        import tensorflow as tf
         self._staged = checkpoint.local_copy()
-        status = self.checkpoint.restore(self._staged.prefix).expect_partial()
+        try:
+            status = self.checkpoint.restore(self._staged.prefix).expect_partial()
+        except (ValueError, tf.errors.InvalidArgumentError) as e:  # a shape or dtype that changed
+            raise ValueError("%s does not fit the state it is restored into (%s); pass a state of the shapes "
+                             "and dtypes that saved it" % (checkpoint.url, _shortened(e))) from e
         try:
             # Every object the state already holds must find its values: a state whose
             # structure differs from the checkpoint's (state=model where the run saved
@@ -358,7 +363,13 @@ class TrackableSaver:
             status.assert_existing_objects_matched()
         except AssertionError as e:
             raise ValueError("%s does not match the state it is restored into (%s); pass the same "
-                             "structure that saved it" % (checkpoint.url, e)) from None
+                             "structure that saved it" % (checkpoint.url, _shortened(e))) from None
+
+
+def _shortened(error, limit: int = 600) -> str:
+    # TF's messages can hold whole variables' values (its objects' reprs).
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 _STATE_RULE = ("state= takes TF trackables (a tf.train.Checkpoint, a Keras model or optimizer, tf.Variables, "

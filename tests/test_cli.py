@@ -517,6 +517,9 @@ def test_bad_urls_exit_2_with_one_line(command, tmp_path, capsys):
         _assert_usage_error(code, out, err, str(empty), "no events files")
     else:
         _assert_usage_error(code, out, err, str(empty), "not a checkpoint directory")
+        _make_run(str(empty / "ckpt"))                  # the example's layout: OUT/ckpt beside OUT/logs
+        code, out, err = _run(capsys, command, str(empty), *extra)
+        _assert_usage_error(code, out, err, str(empty), "the checkpoints are in %s: pass that" % (empty / "ckpt"))
 
 
 @pytest.mark.parametrize("command", ["ls", "verify", "gc", "restore"])

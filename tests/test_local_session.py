@@ -428,3 +428,24 @@ def test_resuming_into_a_state_of_another_structure_raises_rather_than_train_fro
     assert rh.CheckpointStore(rh.Storage(url)).latest().step == 10
     model = run(lambda m: tf.train.Checkpoint(model=m), 20)  # the same structure resumes
     assert model.layers[0].bias.numpy()[0] == 20.0
+
+
+def test_resuming_into_a_state_of_other_shapes_names_the_checkpoint(tmp_path):
+    """Dense(4) saved, Dense(8) resumed: TF's own error named neither the checkpoint nor the step."""
+    import tensorflow as tf
+    url = str(tmp_path / "ckpt")
+
+    def run(units, last_step):
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(units)])
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=10, save_summaries_steps=None,
+                                         hooks=[rh.StopAtStepHook(last_step=last_step)],
+                                         state=tf.train.Checkpoint(model=model)) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: None)
+
+    run(4, 10)
+    with pytest.raises(ValueError) as error:
+        run(8, 20)
+    message = str(error.value)
+    assert "model.ckpt-10 does not fit the state it is restored into" in message
+    assert "shapes and dtypes that saved it" in message and len(message) < 1000
