@@ -159,6 +159,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._save_on_signals = tuple(save_on_signals or ())
         self._listening = set()  # the signals this hook hears through the shared handler
         self._preempted = False
+        self._ending = False
         self._signal = signal.SIGTERM
         self.preempted_by = None  # (signal, step) once a signal stopped the run
         self._session_handle = None
@@ -269,8 +270,14 @@ class CheckpointSaverHook(SessionRunHook):
                 raise e from exc
             self.failed_saves += 1
             self._failed_step = failed_step  # `end` saves again if this was the last step
-            logger.error("%s; training goes on and the next save retries (on_write_error='retry_next_save', "
-                         "%d failed so far)", e, self.failed_saves)
+            if self._ending:  # no save follows: say what the run ends with
+                latest = self.store.latest()
+                logger.error("%s; it was the run's last save (on_write_error='retry_next_save', %d failed in all): "
+                             "the newest committed checkpoint is %s", e, self.failed_saves,
+                             latest.url if latest is not None else "none")
+            else:
+                logger.error("%s; training goes on and the next save retries (on_write_error='retry_next_save', "
+                             "%d failed so far)", e, self.failed_saves)
             return False
         return True
 
@@ -291,6 +298,7 @@ class CheckpointSaverHook(SessionRunHook):
     def after_create_session(self, session, coord):
         step = session.global_step
         self._created_at = None
+        self._ending = False
         self.preempted_by = None
         committed = self.store.get(step) if session.latest_checkpoint else None
         if committed is not None:
@@ -338,6 +346,7 @@ class CheckpointSaverHook(SessionRunHook):
         return None if at is None or self._due == 0 else (self._timer.clock, at)
 
     def end(self, session):
+        self._ending = True
         self._restore_signal_handlers()
         last_step = session.global_step
         if self._final_save_due(last_step, self._timer.last_triggered_step()):
@@ -543,6 +552,7 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         return self._last_checkpoint_step
 
     def end(self, session):
+        self._ending = True
         self._restore_signal_handlers()
         self._wait_for_uploads()
         self._dispatch_completed(session)

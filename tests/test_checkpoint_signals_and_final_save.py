@@ -5,6 +5,7 @@ handler runs in the training (main) thread. The write fault is real too: a direc
 checkpoint's data file must go makes the write fail, even as root.
 """
 
+import logging
 import os
 import signal
 
@@ -138,7 +139,7 @@ def test_a_session_that_fails_leaves_no_signal_handler_behind(tmp_path):
 @pytest.mark.parametrize("cls, kwargs", [(rh.CheckpointSaverHook, {}),
                                          (rh.AsyncCheckpointSaverHook, {"in_flight": "wait"})],
                          ids=["sync", "async"])
-def test_retry_next_save_tries_a_failed_last_step_again_at_end(tmp_path, cls, kwargs):
+def test_retry_next_save_tries_a_failed_last_step_again_at_end(tmp_path, cls, kwargs, caplog):
     url = str(tmp_path)
     os.makedirs(os.path.join(url, "model.ckpt-10.data-00000-of-00001"))  # step 10's data cannot be written
     hook = cls(url, save_steps=5, on_write_error="retry_next_save", retry=rh.RetryPolicy(max_attempts=1), **kwargs)
@@ -150,8 +151,11 @@ def test_retry_next_save_tries_a_failed_last_step_again_at_end(tmp_path, cls, kw
         return write_data(step, *args, **kw)
 
     hook.store.write_data = counted
-    assert _train([hook], last_step=10) == 10
+    with caplog.at_level(logging.ERROR, logger="rayhooks"):
+        assert _train([hook], last_step=10) == 10
     assert attempts == [0, 5, 10, 10]  # the failed save of the last step was tried again at end
+    last = caplog.records[-1].getMessage()
+    assert "it was the run's last save" in last and last.endswith("model.ckpt-5") and "next save" not in last
     assert hook.failed_saves == 2
     assert _committed(url) == [0, 5]
 
