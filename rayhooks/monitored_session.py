@@ -16,6 +16,7 @@ the chief list runs on the chief actor.
 A step with no planned action does no I/O: the hooks only compare integers.
 """
 
+import inspect
 import logging
 import sys
 
@@ -133,6 +134,20 @@ class MonitoredSession:
 
     def should_stop(self) -> bool:
         return self._should_stop or self.coord.stop_requested
+
+    def run_step_fn(self, step_fn):
+        """TF1's `run_step_fn`: calls `step_fn(step_context)` and returns what it returns.
+
+        `step_context.run_with_hooks(step, *args)` is `run`; `step_context.session`
+        is the session's `SessionHandle` (TF1 gave the raw `tf.Session`: here
+        `session.run(name)` reads the last step's outputs); and
+        `step_context.request_stop()` ends the `with` block cleanly, as in TF1.
+        """
+        names = list(inspect.signature(step_fn).parameters)
+        if names != ["step_context"]:
+            raise ValueError("`step_fn` may either have one `step_context` argument, or `self` and `step_context` "
+                             "arguments if it's an instance method. Got %s instead." % (tuple(names),))
+        return step_fn(StepContext(self.handle, self.run))
 
     def run(self, step_fn, *args, **kwargs):
         """Runs `step_fn(*args, **kwargs)` with the hooks; returns what it returns."""
@@ -269,6 +284,28 @@ class MonitoredSession:
             exc_type = None
         self._close(exc_type)
         return exc_type is None
+
+
+class StepContext:
+    """What `MonitoredSession.run_step_fn` hands its `step_fn`, as TF1's `MonitoredSession.StepContext`."""
+
+    def __init__(self, session, run_with_hooks):
+        self._session = session
+        self._run_with_hooks = run_with_hooks
+
+    @property
+    def session(self):
+        return self._session
+
+    def run_with_hooks(self, *args, **kwargs):
+        return self._run_with_hooks(*args, **kwargs)
+
+    def request_stop(self):
+        """Ends the iterations: raises StopIteration, which the session's `with` block takes as a clean end."""
+        raise StopIteration("step_fn has requested the iterations to stop.")
+
+
+MonitoredSession.StepContext = StepContext
 
 
 def _refuse_two_savers_in_one_directory(hooks) -> None:

@@ -230,3 +230,47 @@ def test_checkpoint_saver_hook_logs_its_lines_in_tf1s_order(tmp_path):
     assert expected[:3] == ["Calling checkpoint listeners before saving checkpoint 0...",
                             "Saving checkpoints for 0", "Calling checkpoint listeners after saving checkpoint 0..."]
     assert _saver_lines("rayhooks", rayhooks) == expected
+
+
+def test_run_step_fn_and_its_request_stop_as_in_tf1(tmp_path):
+    """TF1's run_step_fn: run_with_hooks runs the hooks; request_stop ends the `with` block cleanly."""
+    def tf1():
+        results = []
+        with tf.Graph().as_default():
+            gs = tf.compat.v1.train.get_or_create_global_step()
+            tf.compat.v1.get_variable("w", shape=(), use_resource=True)
+            train = tf.compat.v1.assign_add(gs, 1)
+            hooks = [tf.compat.v1.train.CheckpointSaverHook(str(tmp_path / "tf1"), save_steps=2)]
+            with tf.compat.v1.train.MonitoredTrainingSession(hooks=hooks, save_checkpoint_secs=None,
+                                                             save_summaries_steps=None) as sess:
+                def step_fn(step_context):
+                    value = step_context.run_with_hooks(train)
+                    if value >= 3:
+                        step_context.request_stop()
+                    return value
+                while not sess.should_stop():
+                    results.append(int(sess.run_step_fn(step_fn)))
+        return results, tf.train.get_checkpoint_state(str(tmp_path / "tf1")).model_checkpoint_path
+
+    def rayhooks():
+        results = []
+        with rh.MonitoredTrainingSession(state={"w": np.zeros(1)}, save_checkpoint_secs=None, save_summaries_steps=None,
+                                         chief_only_hooks=[rh.CheckpointSaverHook(str(tmp_path / "rh"),
+                                                                                  save_steps=2)]) as sess:
+            def step_fn(step_context):
+                step_context.run_with_hooks(lambda: None)
+                value = step_context.session.global_step
+                if value >= 3:
+                    step_context.request_stop()
+                return value
+            while not sess.should_stop():
+                results.append(sess.run_step_fn(step_fn))
+        return results, tf.train.get_checkpoint_state(str(tmp_path / "rh")).model_checkpoint_path
+
+    expected, expected_latest = tf1()
+    assert expected == [1, 2] and expected_latest.endswith("model.ckpt-3")
+    results, latest = rayhooks()
+    assert results == expected and latest.endswith("model.ckpt-3")
+    with rh.MonitoredSession(state={"w": np.zeros(1)}) as sess:
+        with pytest.raises(ValueError, match="one `step_context` argument"):
+            sess.run_step_fn(lambda ctx: None)
