@@ -281,6 +281,17 @@ class CheckpointSaverHook(SessionRunHook):
             return False
         return True
 
+    def _flush_summaries(self, step):
+        """The events this hook wrote (CHECKPOINT logs, checkpoint/* health), at `end`."""
+        try:
+            self._summary_writer.flush()
+        except OSError as e:
+            if self._on_write_error == "raise":
+                raise
+            # The run chose to outlast storage failures: these scalars are not worth failing it for.
+            logger.error("[step=%d] the checkpoint hook's summaries could not be written (%s); its checkpoints "
+                         "are not affected (on_write_error='retry_next_save')", step, e)
+
     def _final_save_due(self, last_step, last_saved):
         return last_step != last_saved or self._failed_step == last_step
 
@@ -352,7 +363,7 @@ class CheckpointSaverHook(SessionRunHook):
         if self._final_save_due(last_step, self._timer.last_triggered_step()):
             self._save(session, last_step, progress=True)
         self._writer.close()
-        self._summary_writer.flush()
+        self._flush_summaries(last_step)
         for listener in self._listeners:
             listener.end(session, last_step)
 
@@ -560,6 +571,6 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         if self._final_save_due(last_step, self._last_checkpoint_step):
             CheckpointSaverHook._save(self, session, last_step, progress=True)
         self._writer.close()
-        self._summary_writer.flush()
+        self._flush_summaries(last_step)
         for listener in self._listeners:
             listener.end(session, last_step)

@@ -241,3 +241,29 @@ def test_a_dropped_session_hands_sigterm_back_before_any_cycle_collection(tmp_pa
     finally:
         if was_enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("on_write_error", ["raise", "retry_next_save"])
+def test_summaries_that_cannot_be_written_at_end_fail_the_run_only_under_raise(tmp_path, caplog, on_write_error):
+    """The checkpoint hook's CHECKPOINT logs and health scalars go to an events file in the checkpoint
+    directory. Here that file is replaced by a directory mid-run (a real write failure, even as root):
+    a run that chose to outlast storage failures must not fail at its end for those scalars."""
+    url = str(tmp_path)
+    hook = rh.CheckpointSaverHook(url, save_steps=2, on_write_error=on_write_error)
+
+    def on_step(n):
+        if n == 3:
+            hook._summary_writer.flush()
+            events = [name for name in os.listdir(url) if name.startswith("events.out.tfevents")]
+            assert len(events) == 1
+            os.remove(os.path.join(url, events[0]))
+            os.makedirs(os.path.join(url, events[0]))
+
+    with caplog.at_level(logging.ERROR, logger="rayhooks"):
+        if on_write_error == "raise":
+            with pytest.raises(OSError):
+                _train([hook], last_step=4, on_step=on_step)
+        else:
+            assert _train([hook], last_step=4, on_step=on_step) == 4
+            assert "summaries could not be written" in caplog.text
+    assert _committed(url) == [0, 2, 4]
