@@ -93,8 +93,11 @@ class Preempted(SystemExit):
 
     def __str__(self):
         name = signal.Signals(self.signum).name if self.signum in set(signal.Signals) else str(self.signum)
-        return ("preempted by %s at step %d; the emergency checkpoint %s is committed: run the same command "
-                "again to resume from it" % (name, self.step, self.checkpoint))
+        if self.checkpoint is None:
+            return ("preempted by %s at step %d, with no checkpoint committed: running the same command again "
+                    "starts over" % (name, self.step))
+        return ("preempted by %s at step %d; run the same command again to resume from the newest committed "
+                "checkpoint, %s" % (name, self.step, self.checkpoint))
 
 
 def preempted(signum: int, step: int, checkpoint) -> Preempted:
@@ -270,11 +273,10 @@ class CheckpointSaverHook(SessionRunHook):
                 raise e from exc
             self.failed_saves += 1
             self._failed_step = failed_step  # `end` saves again if this was the last step
-            if self._ending:  # no save follows: say what the run ends with
-                latest = self.store.latest()
+            if self._ending:  # no save follows: say what the run ends with (no I/O: storage may be down)
                 logger.error("%s; it was the run's last save (on_write_error='retry_next_save', %d failed in all): "
                              "the newest committed checkpoint is %s", e, self.failed_saves,
-                             latest.url if latest is not None else "none")
+                             getattr(self._session_handle, "latest_checkpoint", None) or "none")
             else:
                 logger.error("%s; training goes on and the next save retries (on_write_error='retry_next_save', "
                              "%d failed so far)", e, self.failed_saves)
@@ -357,10 +359,10 @@ class CheckpointSaverHook(SessionRunHook):
         return None if at is None or self._due == 0 else (self._timer.clock, at)
 
     def end(self, session):
-        self._ending = True
         self._restore_signal_handlers()
         last_step = session.global_step
         if self._final_save_due(last_step, self._timer.last_triggered_step()):
+            self._ending = True  # its failure has no next save to retry it
             self._save(session, last_step, progress=True)
         self._writer.close()
         self._flush_summaries(last_step)
@@ -563,12 +565,12 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         return self._last_checkpoint_step
 
     def end(self, session):
-        self._ending = True
         self._restore_signal_handlers()
         self._wait_for_uploads()
         self._dispatch_completed(session)
         last_step = session.global_step
         if self._final_save_due(last_step, self._last_checkpoint_step):
+            self._ending = True  # its failure has no next save to retry it
             CheckpointSaverHook._save(self, session, last_step, progress=True)
         self._writer.close()
         self._flush_summaries(last_step)

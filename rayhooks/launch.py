@@ -118,11 +118,12 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
 
 
 def _refuse_memory_urls(spec) -> None:
-    from rayhooks.storage import Storage
+    import fsspec.core
     urls = [("checkpoint_dir", spec.checkpoint.store.url if spec.checkpoint is not None else None),
             ("SummarySaverHook's output_dir", spec.summary.output_dir if spec.summary is not None else None)]
     for what, url in urls:
-        if url is not None and Storage(url).in_process:
+        # From the URL alone: making its file system (gcsfs looking for credentials) can take seconds.
+        if url is not None and fsspec.core.split_protocol(url)[0] == "memory":
             raise ValueError("%s %s lives inside one process: under backend='ray' the chief and each worker "
                              "would each write to and read from a store of its own, and nothing would be left "
                              "after the run. Use a directory every node reaches (gs://, s3://, a shared file "

@@ -20,6 +20,7 @@ import inspect
 import logging
 import sys
 
+from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.checkpoint_hooks import preempted
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
@@ -123,8 +124,11 @@ class MonitoredSession:
         if step is None and global_step is not None:
             step = _read_step(global_step)
         self.handle.global_step = step or 0
-        if hasattr(global_step, "numpy"):  # a variable: checked against the runs counted at close
-            self._counted_from = (global_step, _read_step(global_step), self.handle.global_step)
+        if hasattr(global_step, "assign_add"):  # a variable: checked against the runs counted at close
+            try:
+                self._counted_from = (global_step, _read_step(global_step), self.handle.global_step)
+            except Exception:  # noqa: BLE001 -- one that cannot be read here: nothing to compare
+                self._counted_from = None
         for hook in self._hooks:
             hook.after_create_session(self.handle, self.coord)
 
@@ -251,7 +255,9 @@ class MonitoredSession:
             # `coord.request_stop(ex)` is raised here, after the `end` hooks, never dropped (I6).
             self.coord.raise_requested_exception()
             by = next((h.preempted_by for h in self._hooks if getattr(h, "preempted_by", None)), None)
-            if by is not None:  # a preempted run is not a finished one: the job must run again
+            finished = any(isinstance(h, StopAtStepHook) and h._last_step is not None
+                           and self.handle.global_step >= h._last_step for h in self._hooks)
+            if by is not None and not finished:  # a preempted run is not a finished one: the job must run again
                 raise preempted(by[0], by[1], self.handle.latest_checkpoint)
 
     def _check_step_count(self) -> None:
@@ -270,7 +276,8 @@ class MonitoredSession:
         if runs and advanced > 0 and advanced % runs == 0:
             fix = "pass steps_per_run=%d, the steps each run made" % (advanced // runs)
         else:
-            fix = "make one whole optimizer step (every accumulated micro-batch) per run"
+            fix = ("make one whole optimizer step (every accumulated micro-batch) per run (a loss scale that "
+                   "skips steps on overflow moves it this way too, and then the two differ by those steps)")
         logger.warning("[step=%d] global_step= advanced by %d in this session while rayhooks counted %d steps "
                        "(%d a run): rayhooks reads global_step= only at creation and then counts runs, so its "
                        "checkpoints and summaries are numbered by runs, not by that variable; %s",
@@ -313,7 +320,7 @@ def _refuse_two_savers_in_one_directory(hooks) -> None:
     savers = [h for h in hooks if isinstance(h, CheckpointSaverHook)]
     for i, first in enumerate(savers):
         for second in savers[i + 1:]:
-            if first.store.storage.same_directory(second.store.storage):
+            if first is not second and first.store.storage.same_directory(second.store.storage):
                 raise ValueError(
                     "two checkpoint hooks save into %s (a %s and a %s): rayhooks takes one per directory, as "
                     "each one's clean-up would delete the other's files in flight. If yours replaces the "

@@ -384,7 +384,10 @@ def _check_state(state) -> None:
                         % (type(state).__name__, _STATE_RULE))
     if isinstance(state, Mapping) and state and all(isinstance(v, np.ndarray) or np.isscalar(v)
                                                     for v in state.values()):
-        key = next(k for k, v in state.items() if not isinstance(v, np.ndarray))
+        key = next((k for k, v in state.items() if not isinstance(v, np.ndarray)), None)
+        if key is None:
+            raise TypeError("a %s of numpy arrays is NumpySaver's to save, not TrackableSaver's: pass a dict "
+                            "(state=dict(...), or rh.NumpySaver(dict(...)))" % type(state).__name__)
         raise TypeError("state[%r] is a %s: a dict of numpy arrays needs every value an array (and str keys); "
                         "pass np.asarray(...) for it" % (key, type(state[key]).__name__))
     _check_trackables(state, "state")

@@ -200,11 +200,6 @@ class Storage:
     def is_local(self) -> bool:
         return "file" in _protocols(self.fs)
 
-    @property
-    def in_process(self) -> bool:
-        """Whether the store lives inside this process (memory://): other processes see another one."""
-        return "memory" in _protocols(self.fs)
-
     def same_directory(self, other: "Storage") -> bool:
         """Whether `other` names this directory, however spelled ("/x", "file:///x", "./x")."""
         if other.url == self.url:

@@ -55,6 +55,7 @@ def test_a_checkpoint_dir_written_by_plain_tf_is_refused_also_with_no_checkpoint
     ({"v": tf.Variable(1.0), "w": np.zeros(2)}, "state['w'] is a ndarray", "tf.Variable(...)"),
     ([tf.Variable(1.0)], "state= is a list", "state={'v0'"),
     ("weights.ckpt", "state= is a str", "flat dict of numpy arrays"),
+    (__import__("types").MappingProxyType({"w": np.zeros(2)}), "a mappingproxy of numpy arrays", "pass a dict"),
 ])
 def test_state_a_checkpoint_would_not_hold_is_refused_naming_the_value_and_the_fix(tmp_path, state, named, fix):
     """A TF checkpoint silently leaves numpy arrays in nested dicts out: the run would resume from
@@ -83,6 +84,8 @@ def test_two_checkpoint_hooks_in_one_directory_are_refused_naming_the_fix(tmp_pa
         while not sess.should_stop():
             sess.run(lambda: None)
     assert rh.CheckpointStore(rh.Storage(url)).latest().step == 5
+    with rh.MonitoredSession(hooks=mine[:1], chief_hooks=mine[:1], state={"w": np.zeros(1)}):
+        pass                                        # one hook given twice is not two savers
 
 
 def test_a_checkpoint_dir_written_by_tf1s_saver_with_absolute_paths_is_refused_and_left_untouched(tmp_path):

@@ -267,3 +267,42 @@ def test_summaries_that_cannot_be_written_at_end_fail_the_run_only_under_raise(t
             assert _train([hook], last_step=4, on_step=on_step) == 4
             assert "summaries could not be written" in caplog.text
     assert _committed(url) == [0, 2, 4]
+
+
+def test_a_failure_reported_at_end_before_the_final_save_is_not_called_the_last_save(tmp_path, caplog):
+    """The async hook's end first hears of step 10's failed background save, then saves step 12."""
+    url = str(tmp_path)
+    os.makedirs(os.path.join(url, "model.ckpt-10.data-00000-of-00001"))  # step 10's data cannot be written
+    hook = rh.AsyncCheckpointSaverHook(url, save_steps=5, on_write_error="retry_next_save", in_flight="wait",
+                                       retry=rh.RetryPolicy(max_attempts=1))
+    with caplog.at_level(logging.ERROR, logger="rayhooks"):
+        assert _train([hook], last_step=12) == 12
+    assert _committed(url) == [0, 5, 12] and hook.failed_saves == 1
+    assert "step=10" in caplog.text and "last save" not in caplog.text
+
+
+def test_a_signal_on_the_last_step_ends_a_finished_run_without_preempted(tmp_path):
+    """The run reached StopAtStepHook's last step as the signal came: it is finished, not preempted."""
+    def on_step(n):
+        if n == 5:
+            signal.raise_signal(signal.SIGTERM)
+    assert _train([rh.CheckpointSaverHook(str(tmp_path), save_steps=100)], last_step=5, on_step=on_step) == 5
+    assert _committed(str(tmp_path)) == [0, 5]
+
+
+def test_preempted_names_the_newest_committed_checkpoint_when_the_emergency_save_failed(tmp_path):
+    url = str(tmp_path)
+    os.makedirs(os.path.join(url, "model.ckpt-3.data-00000-of-00001"))  # the emergency save cannot be written
+    hook = rh.CheckpointSaverHook(url, save_steps=100, on_write_error="retry_next_save",
+                                  retry=rh.RetryPolicy(max_attempts=1))
+
+    def on_step(n):
+        if n == 3:
+            signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(rh.Preempted) as error:
+        with rh.MonitoredTrainingSession(state={"w": np.zeros(1)}, chief_only_hooks=[hook], save_checkpoint_secs=None,
+                                         hooks=[rh.StopAtStepHook(last_step=100)]) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: on_step(sess.global_step + 1))
+    assert error.value.step == 3 and error.value.checkpoint.endswith("model.ckpt-0")
+    assert "resume from the newest committed checkpoint, %s" % error.value.checkpoint in str(error.value)

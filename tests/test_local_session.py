@@ -281,6 +281,10 @@ def test_a_global_step_variable_that_moves_otherwise_than_the_runs_counted_is_wa
     messages = [r.getMessage() for r in caplog.records if "global_step=" in r.getMessage()]
     if warned is None:
         assert messages == []
+        with rh.MonitoredSession(state={"w": np.zeros(1)}, global_step=tf.constant(100)) as sess:
+            sess.run(step)                          # a constant is a start, not a variable to follow
+        assert sess.global_step == 101
+        assert not [r for r in caplog.records if "global_step=" in r.getMessage()]
     else:
         assert len(messages) == 1 and warned in messages[0] and "[step=6]" in messages[0]
 
