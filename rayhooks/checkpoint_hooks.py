@@ -163,6 +163,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._listening = set()  # the signals this hook hears through the shared handler
         self._preempted = False
         self._ending = False
+        self._created_at = None  # the step of the save made as the session was created
         self._signal = signal.SIGTERM
         self.preempted_by = None  # (signal, step) once a signal stopped the run
         self._session_handle = None
