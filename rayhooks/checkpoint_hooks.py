@@ -100,9 +100,9 @@ class Preempted(SystemExit):
                 "checkpoint, %s" % (name, self.step, self.checkpoint))
 
 
-def preempted(signum: int, step: int, checkpoint) -> Preempted:
+def preempted(signum: int, step: int, checkpoint, result=None) -> Preempted:
     """The exception that ends a preempted run, logged, as SystemExit's own exit prints nothing."""
-    error = Preempted(signum, step, checkpoint)
+    error = Preempted(signum, step, checkpoint, result)
     logger.warning("[step=%d] %s; exiting with status %d", step, error, error.code)
     return error
 

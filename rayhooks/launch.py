@@ -346,9 +346,7 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
         summary = call("finish")
         result = _result(summary, ray.get(refs))
         if stopped_early:  # no restart left: a preempted run must not pass for a finished one
-            error = preempted(signal.SIGTERM, result.last_step, result.latest_checkpoint)
-            error.result = result
-            raise error
+            raise preempted(signal.SIGTERM, result.last_step, result.latest_checkpoint, result)
         return result
     finally:
         stop_workers()
