@@ -3,6 +3,7 @@
     rayhooks ls URL                      committed (and partial) checkpoints
     rayhooks verify URL [--step N]       check every file's crc32c against its manifest
     rayhooks gc URL [--yes]              delete the partial files older than the newest commit
+               [--older-than AGE]        and any others not written for AGE (a crashed run's leftovers)
     rayhooks restore URL --to DIR        download a checkpoint TF can read from DIR
     rayhooks summaries URL [--plot PNG]  the last value of each scalar tag
 
@@ -23,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
@@ -56,6 +58,17 @@ def _step_arg(text: str) -> int:
     if step < 0:
         raise argparse.ArgumentTypeError("a step is >= 0, got %d" % step)
     return step
+
+
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age_arg(text: str) -> float:
+    """'90s', '30m', '12h', '2d' or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*", text.lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError("expected an age such as 90s, 30m, 12h or 2d, got %r" % text)
+    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
 
 
 def human_size(nbytes: float) -> str:
@@ -239,7 +252,8 @@ def cmd_ls(args) -> int:
         summary += ", latest step %d (%s)" % (latest, newest.url)
     if n_partial:
         summary += ("; %d partial file(s) (`rayhooks gc` removes those older than the latest commit; newer "
-                    "ones may belong to a save in flight)" % n_partial)
+                    "ones may belong to a save in flight, and go with `--older-than AGE` once none can be)"
+                    % n_partial)
     print(summary)
     return 0
 
@@ -300,26 +314,32 @@ def cmd_gc(args) -> int:
     # step: a run resumed below a damaged checkpoint saves steps under that checkpoint's.
     commit_times = [_modified(store.storage, i.prefix + MANIFEST_SUFFIX) for i in infos]
     newest_commit = max((t for t in commit_times if t is not None), default=None)
+    # --older-than: the user's word that no save has been in flight that long (a crashed run never
+    # resumed leaves its last saves' files newer than any commit, or in a directory with none).
+    cutoff = None if args.older_than is None else time.time() - args.older_than
     doomed, kept = [], []
     for name in store.partials():
         step = _step_of(store, name)
         state_temporary = name.startswith(STATE_FILE + ".tmp-")  # a state file write cut short
+        written = _modified(store.storage, name)
         if latest is not None and (state_temporary or step is not None and step < latest.step):
-            written = _modified(store.storage, name)
             if newest_commit is not None and written is not None and written < newest_commit:
                 doomed.append(name)
-            else:
-                kept.append((name, "written since the newest commit"))
+                continue
+            why = "written since the newest commit"
         else:
             why = ("no committed checkpoint yet" if latest is None else
                    "unknown step" if step is None else "newer than the latest commit")
+        if cutoff is not None and written is not None and written < cutoff:
+            doomed.append(name)
+        else:
             kept.append((name, why))
     # S3 multipart uploads left open (their abort could not reach S3): the same rule, by when begun.
     uploads, uploads_kept = [], []
     for name, upload_id, begun in store.storage.open_uploads():
         step = _step_of(store, name)
         if latest is not None and step is not None and step < latest.step and \
-                newest_commit is not None and begun < newest_commit:
+                newest_commit is not None and begun < newest_commit or cutoff is not None and begun < cutoff:
             uploads.append((name, upload_id))
         else:
             uploads_kept.append(name)
@@ -333,6 +353,9 @@ def cmd_gc(args) -> int:
     for name in uploads_kept:
         print("%-12s  %s  (an unfinished upload, possibly in flight)" % ("keep", url_of(name)))
     uploads_note = " and %d unfinished upload(s)" % len(uploads) if uploads else ""
+    if (kept or uploads_kept) and args.older_than is None:
+        print("(files kept as possibly in flight that a crashed run left behind go with --older-than AGE, "
+              "e.g. `%s gc %s --older-than 1d`)" % (PROG, store.url))
     if not doomed and not uploads:
         print("nothing to delete in %s (%d partial file(s)%s kept)"
               % (store.url, len(kept), " and %d unfinished upload(s)" % len(uploads_kept) if uploads_kept else ""))
@@ -661,8 +684,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Delete the uncommitted (partial) files of steps older than the newest "
                                    "commit, written before it; on S3, abort such steps' unfinished multipart "
                                    "uploads too. Other partial files may belong to a save in flight and are "
-                                   "kept. A dry run unless --yes.")
+                                   "kept, unless --older-than says no save has been in flight that long. "
+                                   "A dry run unless --yes.")
     p.add_argument("--yes", action="store_true", help="really delete (default: only list)")
+    p.add_argument("--older-than", metavar="AGE", type=_age_arg,
+                   help="also delete partial files (and abort uploads) of any step last written longer ago "
+                        "than AGE (90s, 30m, 12h, 2d): the leftovers of a crashed run that was never resumed. "
+                        "Only safe when no run has had a save in flight that long; ages are read from the "
+                        "store's clock against this machine's")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("restore", parents=[common, ckpt], help="download a checkpoint to a local directory",

@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json
 import re
+import time
 import shutil
 import subprocess
 
@@ -273,6 +274,56 @@ def test_gc_keeps_a_save_in_flight_below_a_damaged_checkpoint(run_dir, capsys, m
     assert "delete        %s/model.ckpt-15.index" % run_dir in out.splitlines()  # stale ones still go
     code, out, _ = _run(capsys, "verify", run_dir, "--step", "25")
     assert code == 0 and out.startswith("OK   step 25")
+
+
+def _date_back(url, names, seconds):
+    for name in names:
+        then = time.time() - seconds
+        os.utime(os.path.join(url, name), (then, then))
+
+
+def test_gc_older_than_takes_a_crashed_runs_leftovers_newer_than_any_commit(run_dir, capsys):
+    # Step 40's files are newer than the latest commit (30): a save in flight, or a crashed run's last.
+    code, out, _ = _run(capsys, "gc", run_dir, "--yes", "-q")
+    assert code == 0 and set(_partial_names(40)) <= set(os.listdir(run_dir))
+    assert "--older-than" in out  # the kept files' way out is named
+    code, out, _ = _run(capsys, "gc", run_dir, "--older-than", "1d", "--yes", "-q")
+    assert code == 0 and "nothing to delete" in out  # written just now: possibly in flight still
+    _date_back(run_dir, _partial_names(40), 2 * 86400)
+    code, out, _ = _run(capsys, "gc", run_dir, "--older-than", "1d")
+    assert code == 0 and set(_partial_names(40)) <= set(os.listdir(run_dir))  # a dry run
+    assert "would delete  %s/%s" % (run_dir, _partial_names(40)[0]) in out.splitlines()
+    code, out, _ = _run(capsys, "gc", run_dir, "--older-than", "1d", "--yes", "-q")
+    assert code == 0 and "deleted 2 partial file(s)" in out
+    assert not set(_partial_names(40)) & set(os.listdir(run_dir))
+    assert _run(capsys, "verify", run_dir)[0] == 0
+    assert rh.CheckpointStore(rh.Storage(run_dir)).latest().step == 30
+
+
+def test_gc_older_than_in_a_directory_with_no_commit(tmp_path, capsys):
+    run = tmp_path / "crashed"
+    run.mkdir()
+    names = _partial_names(10)
+    for name in names:
+        (run / name).write_bytes(b"half a checkpoint")
+    code, out, _ = _run(capsys, "gc", str(run), "--yes", "-q")
+    assert code == 0 and sorted(os.listdir(run)) == sorted(names)
+    assert "no committed checkpoint yet" in out
+    _date_back(str(run), names[:1], 3 * 3600)  # one of them last written 3 h ago
+    code, out, _ = _run(capsys, "gc", str(run), "--older-than", "2h", "--yes", "-q")
+    assert code == 0 and sorted(os.listdir(run)) == names[1:]
+
+
+@pytest.mark.parametrize("age", ["0", "-5m", "soon", "3w"])
+def test_gc_refuses_an_age_it_cannot_read(run_dir, capsys, age):
+    code, _, err = _run(capsys, "gc", run_dir, "--older-than=" + age, "--yes")
+    assert code == 2 and "90s, 30m, 12h or 2d" in err
+    assert set(_partial_names(15)) <= set(os.listdir(run_dir))
+
+
+def test_gc_older_than_reads_units():
+    assert [cli._age_arg(a) for a in ("90", "90s", "30m", "1.5h", "2d", " 2D ")] == \
+        [90, 90, 1800, 5400, 172800, 172800]
 
 
 def test_gc_shows_progress_on_stderr_only(run_dir, capsys, monkeypatch):
