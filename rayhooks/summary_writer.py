@@ -302,11 +302,27 @@ class SummaryWriterCache:
         """Uploads what every shared writer holds; a failure is logged, naming the URL, and the rest go on."""
         with cls._lock:
             writers = list(cls._writers.values())
-        for writer in writers:
+
+        def flush(writer):
             try:
                 writer.flush()
             except Exception as e:  # at exit, or on the way out of a failed run: no one left to raise to
                 logger.error("could not flush summaries to %s %s: %s", writer.url, when, e)
+        # Side by side: a store that is down makes each flush retry for its client's whole
+        # retry budget (~45 s on S3), and a process exiting should wait for that once, not once a writer.
+        threads = []
+        for writer in writers[1:]:
+            thread = threading.Thread(target=flush, args=(writer,), name="rayhooks-summary-flush-all")
+            try:
+                thread.start()
+            except RuntimeError:  # no new threads at this point of the interpreter's shutdown
+                flush(writer)
+                continue
+            threads.append(thread)
+        if writers:
+            flush(writers[0])
+        for thread in threads:
+            thread.join()
 
 
 def _flush_all_at_exit():

@@ -282,3 +282,28 @@ def test_a_run_that_raises_keeps_its_summaries_on_gcs(gcs, tmp_path):
     assert "could not flush" not in done.stderr, done.stderr[-2000:]
     (steps,) = _events(url, gcs.options)
     assert 11 in steps, steps  # the last summary before the step that diverged
+
+
+def test_flush_all_flushes_the_writers_side_by_side(tmp_path, monkeypatch):
+    # At exit with the store down, each flush retries for the client's whole budget (~45 s on S3);
+    # the process should wait for that once. The barrier stands in for that slow store (which this
+    # test cannot hold at will): it opens only when both writers' flushes are under way together.
+    urls = [str(tmp_path / name) for name in ("train", "eval")]
+    writers = [rh.SummaryWriterCache.get(url) for url in urls]
+    together = threading.Barrier(len(writers), timeout=30)
+    met = []
+    for i, writer in enumerate(writers):
+        writer.add_scalar("loss", float(i), 7)
+        real = writer.flush
+
+        def flush(real=real):
+            together.wait()
+            met.append(threading.current_thread().name)
+            real()
+        monkeypatch.setattr(writer, "flush", flush)
+    rh.SummaryWriterCache.flush_all()
+    assert len(met) == 2 and not together.broken
+    for i, url in enumerate(urls):
+        events = EventAccumulator(url)
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("loss")] == [(7, float(i))]
