@@ -51,7 +51,13 @@ def resolve_fetches(fetches, outputs, stale_step):
                            % (fetches, sorted(outputs) or "nothing")) from None
         # TF1's session.run returned numpy values: a tf.function's EagerTensor outputs become numpy
         # here, so hooks log, compare and format them as they did in TF1.
-        return value.numpy() if hasattr(value, "numpy") else value
+        if hasattr(value, "numpy"):
+            return value.numpy()
+        if is_per_replica(value):
+            raise TypeError("fetch %r is a per-replica value (%s) of a tf.distribute strategy; return "
+                            "strategy.reduce(tf.distribute.ReduceOp.MEAN, ..., axis=None) (or SUM) from the step "
+                            "instead of strategy.run's result" % (fetches, type(value).__name__))
+        return value
     if isinstance(fetches, dict):
         return {k: resolve_fetches(v, outputs, stale_step) for k, v in fetches.items()}
     if isinstance(fetches, (list, tuple)):
@@ -61,6 +67,11 @@ def resolve_fetches(fetches, outputs, stale_step):
     if callable(fetches):
         return fetches()
     return fetches
+
+
+def is_per_replica(value) -> bool:
+    """A tf.distribute value with one component per replica (PerReplica, Mirrored): no numpy of its own."""
+    return type(value).__module__.startswith("tensorflow.python.distribute.")
 
 
 def as_outputs(result) -> dict:

@@ -276,8 +276,9 @@ class MonitoredSession:
         if runs and advanced > 0 and advanced % runs == 0:
             fix = "pass steps_per_run=%d, the steps each run made" % (advanced // runs)
         else:
-            fix = ("make one whole optimizer step (every accumulated micro-batch) per run (a loss scale that "
-                   "skips steps on overflow moves it this way too, and then the two differ by those steps)")
+            fix = ("make one whole optimizer step (every accumulated micro-batch) per run; with a loss scale "
+                   "that skips steps on overflow (a Keras LossScaleOptimizer's iterations), leave global_step= "
+                   "out: the run count is then the step")
         logger.warning("[step=%d] global_step= advanced by %d in this session while rayhooks counted %d steps "
                        "(%d a run): rayhooks reads global_step= only at creation and then counts runs, so its "
                        "checkpoints and summaries are numbered by runs, not by that variable; %s",
@@ -332,8 +333,10 @@ def _refuse_two_savers_in_one_directory(hooks) -> None:
 def _fetched_by(hook, fetches, outputs, stale, step):
     try:
         return resolve_fetches(fetches, outputs, stale)
-    except KeyError as e:
-        raise KeyError("[step=%d] %s.before_run asked for it: %s" % (step, type(hook).__name__, e.args[0])) from None
+    except (KeyError, TypeError) as e:
+        if type(e) not in (KeyError, TypeError) or not e.args:  # a callable fetch's own error: as it is
+            raise
+        raise type(e)("[step=%d] %s.before_run asked for it: %s" % (step, type(hook).__name__, e.args[0])) from None
 
 
 def _read_step(global_step) -> int:

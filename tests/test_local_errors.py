@@ -499,6 +499,36 @@ def test_a_fetch_that_is_not_an_output_names_the_hook_and_the_step():
     assert "'Loss' is not an output of the step" in message and "['loss']" in message
 
 
+def _per_replica(*values):
+    """What strategy.run returns under a MirroredStrategy of two replicas (TF's own type; a real
+    two-device strategy needs logical devices set before TF starts, which this process is past)."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import values as distribute_values
+    return distribute_values.PerReplica(tuple(tf.constant(v) for v in values))
+
+
+def test_a_per_replica_fetch_says_to_reduce_it():
+    with pytest.raises(TypeError) as error:
+        with rh.MonitoredSession(hooks=[rh.NanTensorHook("loss")], state={"w": np.zeros(1)}) as sess:
+            sess.run(lambda: {"loss": _per_replica(0.5, 0.25)})
+    message = str(error.value)
+    assert "[step=1] NanTensorHook.before_run asked for it" in message
+    assert "fetch 'loss' is a per-replica value (PerReplica)" in message and "strategy.reduce(" in message
+
+
+def test_a_per_replica_summary_says_to_reduce_it(tmp_path):
+    # Fetched by name, it is the fetch's error; made by a callable summary_op, the summary's.
+    with pytest.raises(TypeError, match=r"SummarySaverHook.*fetch 'loss' is a per-replica value"):
+        with rh.MonitoredSession(hooks=[rh.SummarySaverHook(save_steps=1, output_dir=str(tmp_path / "a"),
+                                                            summary_op=["loss"])]) as sess:
+            sess.run(lambda: {"loss": _per_replica(0.5, 0.25)})
+    with pytest.raises(ValueError, match=r"summary 'loss'.*PerReplica.*strategy\.reduce\("):
+        with rh.MonitoredSession(hooks=[rh.SummarySaverHook(
+                save_steps=1, output_dir=str(tmp_path / "b"),
+                summary_op=lambda: {"loss": _per_replica(0.5, 0.25)})]) as sess:
+            sess.run(lambda: {})
+
+
 def test_a_session_that_runs_no_step_logs_nothing_at_end_and_a_fetch_says_no_step_ran(caplog):
     """A hook stops the session before its first step (in after_create_session). TF1's
     LoggingTensorHook(at_end=True) ran the tensors once more; here no step made them, so the hook logs

@@ -282,7 +282,11 @@ def _from_value(tag: str, value) -> summary_pb2.Summary.Value:
     ):
         return text(tag, array)
     if array.dtype.kind not in _REAL_KINDS:
-        raise ValueError(f"summary {tag!r}: cannot summarise value of type {type(value).__name__}")
+        hint = ""
+        if type(value).__module__.startswith("tensorflow.python.distribute."):
+            hint = ("; it is a per-replica value of a tf.distribute strategy: return strategy.reduce(...) "
+                    "from the step instead of strategy.run's result")
+        raise ValueError(f"summary {tag!r}: cannot summarise value of type {type(value).__name__}{hint}")
     if array.size == 0:
         raise ValueError(f"summary {tag!r}: cannot summarise an empty array")
     if array.size == 1:
