@@ -360,15 +360,25 @@ class CheckpointSaverHook(SessionRunHook):
         return None if at is None or self._due == 0 else (self._timer.clock, at)
 
     def end(self, session):
+        # The handlers stay until the final save is committed: a SIGTERM now (a preemption as
+        # the run closes) must not kill the process mid-save; the save under way covers it.
+        try:
+            last_step = session.global_step
+            if self._final_save_due(last_step, self._timer.last_triggered_step()):
+                self._ending = True  # its failure has no next save to retry it
+                self._save(session, last_step, progress=True)
+            self._writer.close()
+            self._flush_summaries(last_step)
+            for listener in self._listeners:
+                listener.end(session, last_step)
+        finally:
+            self._end_signal_handling(session)
+
+    def _end_signal_handling(self, session):
         self._restore_signal_handlers()
-        last_step = session.global_step
-        if self._final_save_due(last_step, self._timer.last_triggered_step()):
-            self._ending = True  # its failure has no next save to retry it
-            self._save(session, last_step, progress=True)
-        self._writer.close()
-        self._flush_summaries(last_step)
-        for listener in self._listeners:
-            listener.end(session, last_step)
+        if self._preempted and self.preempted_by is None:  # a signal during `end`, or after the last step
+            self._preempted = False
+            self.preempted_by = (self._signal, session.global_step)
 
     # -- one save --------------------------------------------------------------
 
@@ -566,14 +576,16 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
         return self._last_checkpoint_step
 
     def end(self, session):
-        self._restore_signal_handlers()
-        self._wait_for_uploads()
-        self._dispatch_completed(session)
-        last_step = session.global_step
-        if self._final_save_due(last_step, self._last_checkpoint_step):
-            self._ending = True  # its failure has no next save to retry it
-            CheckpointSaverHook._save(self, session, last_step, progress=True)
-        self._writer.close()
-        self._flush_summaries(last_step)
-        for listener in self._listeners:
-            listener.end(session, last_step)
+        try:  # the signal handlers stay until the final save is committed, as in CheckpointSaverHook.end
+            self._wait_for_uploads()
+            self._dispatch_completed(session)
+            last_step = session.global_step
+            if self._final_save_due(last_step, self._last_checkpoint_step):
+                self._ending = True  # its failure has no next save to retry it
+                CheckpointSaverHook._save(self, session, last_step, progress=True)
+            self._writer.close()
+            self._flush_summaries(last_step)
+            for listener in self._listeners:
+                listener.end(session, last_step)
+        finally:
+            self._end_signal_handling(session)

@@ -306,3 +306,45 @@ def test_preempted_names_the_newest_committed_checkpoint_when_the_emergency_save
                 sess.run(lambda: on_step(sess.global_step + 1))
     assert error.value.step == 3 and error.value.checkpoint.endswith("model.ckpt-0")
     assert "resume from the newest committed checkpoint, %s" % error.value.checkpoint in str(error.value)
+
+
+@pytest.fixture
+def process_sigterm():
+    """Stands in for SIGTERM's default action (ending the process, this test run with it): records."""
+    heard = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    yield heard
+    signal.signal(signal.SIGTERM, before)
+
+
+_HOOKS = [lambda d, r: rh.CheckpointSaverHook(d, save_steps=5, listeners=[r]),
+          lambda d, r: rh.AsyncCheckpointSaverHook(d, save_steps=5, listeners=[r], in_flight="wait")]
+
+
+@pytest.mark.parametrize("make", _HOOKS, ids=["sync", "async"])
+def test_sigterm_during_the_final_save_at_end_is_heard_by_the_hook_not_the_process(tmp_path, make, process_sigterm):
+    # A preemption as the run closes: the hook's handler must still be there while `end` saves.
+    url = str(tmp_path)
+    recorder = Recorder(signal_at=7)
+    assert _train([make(url, recorder)], last_step=7) == 7  # finished: no Preempted
+    assert process_sigterm == []
+    assert _committed(url) == [0, 5, 7] and recorder.calls[-2:] == [("after_save", 7), ("end", 7)]
+
+
+@pytest.mark.parametrize("make", _HOOKS, ids=["sync", "async"])
+def test_sigterm_during_the_final_save_of_an_unfinished_run_raises_preempted(tmp_path, make, process_sigterm):
+    class StopAt7(rh.SessionRunHook):  # stops the run short of StopAtStepHook's last step
+        def after_run(self, run_context, run_values):
+            if run_context.session.global_step == 7:
+                run_context.request_stop()
+
+    url, recorder, state = str(tmp_path), Recorder(signal_at=7), {"w": np.zeros(1)}
+    with pytest.raises(rh.Preempted) as error:
+        with rh.MonitoredTrainingSession(state=state, chief_only_hooks=[make(url, recorder)],
+                                         save_checkpoint_secs=None, save_summaries_steps=None,
+                                         hooks=[StopAt7(), rh.StopAtStepHook(last_step=100)]) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+    assert process_sigterm == []
+    assert error.value.step == 7 and error.value.checkpoint == url + "/model.ckpt-7"
+    assert _committed(url) == [0, 5, 7]
