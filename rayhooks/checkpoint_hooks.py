@@ -364,15 +364,19 @@ class CheckpointSaverHook(SessionRunHook):
         # the run closes) must not kill the process mid-save; the save under way covers it.
         try:
             last_step = session.global_step
-            if self._final_save_due(last_step, self._timer.last_triggered_step()):
+            if self._final_save_due(last_step, self._settle_for_end(session)):
                 self._ending = True  # its failure has no next save to retry it
-                self._save(session, last_step, progress=True)
+                CheckpointSaverHook._save(self, session, last_step, progress=True)
             self._writer.close()
             self._flush_summaries(last_step)
             for listener in self._listeners:
                 listener.end(session, last_step)
         finally:
             self._end_signal_handling(session)
+
+    def _settle_for_end(self, session):
+        """Waits for what is in flight; returns the last step saved (the final save is due unless it is the last)."""
+        return self._timer.last_triggered_step()
 
     def _end_signal_handling(self, session):
         self._restore_signal_handlers()
@@ -575,17 +579,7 @@ class AsyncCheckpointSaverHook(CheckpointSaverHook):
     def _last_saved_step(self):
         return self._last_checkpoint_step
 
-    def end(self, session):
-        try:  # the signal handlers stay until the final save is committed, as in CheckpointSaverHook.end
-            self._wait_for_uploads()
-            self._dispatch_completed(session)
-            last_step = session.global_step
-            if self._final_save_due(last_step, self._last_checkpoint_step):
-                self._ending = True  # its failure has no next save to retry it
-                CheckpointSaverHook._save(self, session, last_step, progress=True)
-            self._writer.close()
-            self._flush_summaries(last_step)
-            for listener in self._listeners:
-                listener.end(session, last_step)
-        finally:
-            self._end_signal_handling(session)
+    def _settle_for_end(self, session):
+        self._wait_for_uploads()
+        self._dispatch_completed(session)
+        return self._last_checkpoint_step
