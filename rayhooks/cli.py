@@ -200,13 +200,24 @@ def _pick(store, args, infos):
 
 
 def _latest(store, infos):
-    """The checkpoint committed last, by its manifest's timestamp, as retention orders them.
+    """The checkpoint a session resumes from, as far as the manifests and TF's state file tell.
 
-    After a run resumed below a damaged checkpoint commits, that is a lower step than the
-    damaged one's. Not the `checkpoint` state file's: a commit whose state file write failed
-    leaves it naming an older checkpoint, while rayhooks resumes from the new one.
+    The highest step, as a session tries it first, except where the state file names a
+    checkpoint committed later than every higher one: a run resumed below a damaged
+    checkpoint commits lower steps, and names them there. Clock-free where it matters:
+    machines' clocks are compared only when the state file lags (its write failed).
     """
-    return max(infos, key=lambda i: (i.timestamp, i.step)) if infos else None
+    if not infos:
+        return None
+    state = store._read_state()
+    named = None
+    if state is not None and state.model_checkpoint_path:
+        prefix = state.model_checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
+        named = next((i for i in infos if i.prefix == prefix), None)
+    if named is None:
+        return max(infos, key=lambda i: i.step)
+    later = [i for i in infos if i.step > named.step and i.timestamp >= named.timestamp]
+    return max(later, key=lambda i: i.step) if later else named
 
 
 # -- ls ----------------------------------------------------------------------
@@ -418,8 +429,13 @@ def cmd_restore(args) -> int:
     os.makedirs(dest, exist_ok=True)
 
     # Without --step, as a session resumes: the newest checkpoint whose files check out.
-    candidates = [info] if args.step is not None else sorted(infos, key=lambda i: (i.timestamp, i.step),
-                                                              reverse=True)
+    if args.step is not None:
+        candidates = [info]
+    else:
+        first = _latest(store, infos)
+        # Then older steps, newest first; steps the state file passed over (a damaged one's) last.
+        candidates = [first] + sorted((i for i in infos if i is not first),
+                                      key=lambda i: (i.step < first.step, i.step), reverse=True)
     for n, info in enumerate(candidates):
         problems = _download(args, store, info, dest)
         if not problems:
@@ -428,8 +444,9 @@ def cmd_restore(args) -> int:
         for problem in problems:
             print("     - %s" % problem)
         if n + 1 < len(candidates):
-            _warn("%s: step %d is damaged (see `rayhooks verify`); trying step %d, the newest before it"
-                  % (args.url, info.step, candidates[n + 1].step))
+            after = candidates[n + 1].step
+            _warn("%s: step %d is damaged (see `rayhooks verify`); trying step %d%s"
+                  % (args.url, info.step, after, ", the newest before it" if after < info.step else ""))
     else:
         return 1
     names = sorted(info.files)

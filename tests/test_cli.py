@@ -692,3 +692,28 @@ def test_restore_twice_into_the_same_directory_with_another_basename(tmp_path, c
     code, stdout, err = _run(capsys, "restore", run, "--basename", "ckpt", "--to", out, "-q")
     assert code == 0, err
     assert stdout.startswith("restored step 20 ")
+
+
+def test_latest_follows_the_steps_not_the_clocks_of_the_machines_that_committed(tmp_path, capsys):
+    # The run resumed on a machine whose clock is an hour behind: its step 40 has an older timestamp
+    # than step 20. The session and TF resume from 40; so do `ls` and `restore`.
+    import tensorflow as tf
+    url, state = str(tmp_path / "run"), {"w": np.zeros(3)}
+
+    def train(last_step, clock):
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, state=state, save_checkpoint_steps=10,
+                                         save_summaries_steps=None, hooks=[rh.StopAtStepHook(last_step=last_step)],
+                                         clock=clock) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: state.__setitem__("w", state["w"] + 1))
+        return sess
+    train(20, time.time)
+    assert train(40, lambda: time.time() - 3600).global_step == 40
+    infos = {i.step: i for i in rh.CheckpointStore(rh.Storage(url)).committed()}
+    assert infos[40].timestamp < infos[20].timestamp  # the premise
+    assert tf.train.latest_checkpoint(url) == os.path.join(url, "model.ckpt-40")
+    code, out, _ = _run(capsys, "ls", url)
+    assert code == 0 and _row(out, 40)[4] == "latest" and "latest step 40" in out
+    code, out, _ = _run(capsys, "restore", url, "--to", str(tmp_path / "copy"), "-q")
+    assert code == 0 and "restored step 40" in out
+    assert tf.train.load_checkpoint(str(tmp_path / "copy")).get_tensor("w")[0] == 40
