@@ -10,7 +10,7 @@ from rayhooks.basic_hooks import (LoggingTensorHook, NanLossDuringTrainingError,
                                   StepCounterHook, StopAtStepHook)
 from rayhooks.checkpoint_hooks import (AsyncCheckpointSaverHook, CheckpointSaverHook, CheckpointSaverListener,
                                        Preempted)
-from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, RetentionPolicy
+from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, DirectoryTakenOver, RetentionPolicy
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle
 from rayhooks.monitored_session import MonitoredSession, MonitoredTrainingSession
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCheckpointSaverHook", "CheckpointInfo", "CheckpointSaverHook", "CheckpointSaverListener",
-    "CheckpointStore", "Coordinator", "GLOBAL_STEP", "LoggingTensorHook", "ManualClock",
+    "CheckpointStore", "Coordinator", "DirectoryTakenOver", "GLOBAL_STEP", "LoggingTensorHook", "ManualClock",
     "MonitoredSession", "MonitoredTrainingSession", "NanLossDuringTrainingError", "NanTensorHook",
     "NeverTriggerTimer", "NumpySaver", "Preempted", "RetentionPolicy", "RetryPolicy", "Scaffold",
     "SecondOrStepTimer", "SessionHandle", "SessionRunArgs", "SessionRunContext", "SessionRunHook",

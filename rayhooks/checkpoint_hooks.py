@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 
-from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
+from rayhooks.checkpoints import CheckpointStore, DirectoryTakenOver, RetentionPolicy
 from rayhooks.savers import as_saver, final_snapshot
 from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage
@@ -197,6 +197,7 @@ class CheckpointSaverHook(SessionRunHook):
         self._install_signal_handlers()
         self.store.storage.check_writable()
         self.store.refuse_foreign()
+        self.store.claim()  # before the session reads what to resume from
         self._writer = self._new_writer()
         self._summary_writer = SummaryWriterCache.get(self._checkpoint_dir, self.store.storage.storage_options)
         for listener in self._listeners:
@@ -269,6 +270,8 @@ class CheckpointSaverHook(SessionRunHook):
         failure = self._writer.take_error()
         if failure is not None:
             failed_step, exc = failure
+            if isinstance(exc, DirectoryTakenOver):  # another run writes here now: no later save can commit
+                raise exc
             e = background_error(self._writer.what, failed_step, exc)
             if self._on_write_error == "raise":
                 raise e from exc
@@ -371,6 +374,7 @@ class CheckpointSaverHook(SessionRunHook):
             self._flush_summaries(last_step)
             for listener in self._listeners:
                 listener.end(session, last_step)
+            self.store.release()
         finally:
             self._end_signal_handling(session)
 

@@ -21,9 +21,11 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from typing import Dict, List, Optional
 
 import google_crc32c
@@ -37,6 +39,17 @@ logger = logging.getLogger("rayhooks")
 STATE_FILE = "checkpoint"
 MANIFEST_SUFFIX = ".manifest.json"
 LISTENERS_SUFFIX = ".after_save"
+WRITER_SUFFIX = ".writer.json"  # after the basename: which run writes this directory now
+
+
+class DirectoryTakenOver(RuntimeError):
+    """Another run claimed the checkpoint directory since this one did: this run must not commit there.
+
+    Two runs saving into one directory would delete each other's checkpoints (each
+    one's retention and clean-up take the other's files for its own). The run that
+    started last wins, as when a job system starts a replacement while the old
+    process still runs; the old one stops at its next commit with this error.
+    """
 MANIFEST_FORMAT = "rayhooks.checkpoint/1"
 _CHUNK = 8 << 20
 
@@ -95,6 +108,75 @@ class CheckpointStore:
         self.retention = retention or RetentionPolicy()
         self._clock = clock
         self._pattern = re.compile(re.escape(basename) + r"-(\d+)(\..*)$")
+        self._claim: Optional[dict] = None  # this run's claim on the directory, once `claim` made it
+
+    # -- the one writer ---------------------------------------------------------
+
+    def claim(self) -> None:
+        """Makes this store the directory's writer; a later claim (another run) makes its commits fail.
+
+        Call it before reading the latest checkpoint to resume from: a commit of
+        the run taken over either lands before that read (and is resumed from) or
+        fails with `DirectoryTakenOver`, never both uncounted and reported durable.
+        """
+        name = self.basename + WRITER_SUFFIX
+        previous = self._read_claim()
+        mine = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        if previous is not None and not previous.get("released"):
+            who = "run %s (host %s, pid %s, since %s)" % (previous.get("run"), previous.get("host"),
+                                                          previous.get("pid"), _utc(previous.get("since")))
+            if previous.get("host") == mine["host"] and not _pid_alive(previous.get("pid")):
+                logger.info("%s: taking over from %s, which ended without releasing it", self.url, who)
+            else:
+                logger.warning("%s: taking over from %s, which has not released it: it crashed, or it still "
+                               "runs, and then its next commit fails (one run writes a directory at a time)",
+                               self.url, who)
+        self.storage.write_bytes(name, json.dumps(mine).encode())
+        self._claim = mine
+
+    def release(self) -> None:
+        """Gives the claim up at the end of a run (best effort: a claim left behind only makes the next run say so)."""
+        mine, self._claim = self._claim, None
+        if mine is None:
+            return
+        try:
+            current = self._read_claim()
+            if current is not None and current.get("run") == mine["run"]:
+                # Marked, not deleted: a run taken over earlier and still going must find
+                # someone else's claim here, not none (see `_check_claim`).
+                released = dict(mine, released=time.time())
+                self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(released).encode())
+        except Exception as e:  # noqa: BLE001 -- the run is over; the next one takes over all the same
+            logger.info("%s: could not release the writer claim: %s", self.url, e)
+
+    def _read_claim(self) -> Optional[dict]:
+        try:
+            claim = json.loads(self.storage.read_bytes(self.basename + WRITER_SUFFIX))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn write of a crashed claim: no one's
+            return None
+        return claim if isinstance(claim, dict) else None
+
+    def _check_claim(self, step: int) -> None:
+        if self._claim is None:
+            return
+        current = self._read_claim()
+        if current is not None and current.get("run") == self._claim["run"]:
+            return
+        if current is None:
+            # Gone, not replaced (the files deleted by hand, a bucket emptied): no other run
+            # has claimed the directory, so this one still writes it.
+            logger.warning("[step=%d] %s: the writer claim %s is gone; claiming the directory again", step,
+                           self.url, self.storage.url_of(self.basename + WRITER_SUFFIX))
+            self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(self._claim).encode())
+            return
+        who = "run %s (host %s, pid %s) claimed it at %s" % (current.get("run"), current.get("host"),
+                                                                current.get("pid"), _utc(current.get("since")))
+        raise DirectoryTakenOver(
+            "[step=%d] not committed: %s has another writer now (%s); two runs saving into one directory "
+            "would delete each other's checkpoints, so this run stops. Let one run write %s, or give each "
+            "its own checkpoint_dir" % (step, self.url, who, self.url))
 
     @property
     def url(self) -> str:
@@ -136,8 +218,12 @@ class CheckpointStore:
         # On a local disk a file's fsync keeps its bytes but not its name: the data files' names
         # are made durable before the manifest can be, and the manifest's before after_save runs.
         self.storage.sync_directory()
+        self._check_claim(step)
         self.storage.write_bytes(prefix + MANIFEST_SUFFIX, json.dumps(manifest, indent=1).encode())
         self.storage.sync_directory()
+        # Again once the manifest is there: a run that claimed the directory in between may
+        # have listed the checkpoints before it, and would then not resume from it.
+        self._check_claim(step)
         info = CheckpointInfo(step, prefix, self.storage.url_of(prefix), files, now)
         self._retain(info)
         return info
@@ -477,3 +563,20 @@ def _write(data_file, index_file, tensors):
     for key, value in tensors.items():
         writer.add(key, value)
     return writer.finish()
+
+
+def _utc(timestamp) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(timestamp)))
+    except (TypeError, ValueError):
+        return "an unknown time"
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -96,6 +96,7 @@ class Chief:
         if ck is not None:
             ck.store.storage.check_writable()
             ck.store.refuse_foreign()
+            ck.store.claim()  # before the latest is read: workers resume from what it finds
             for listener in ck.listeners:
                 listener.begin()
             info = ck.store.latest()
@@ -661,6 +662,8 @@ class Chief:
                     listener.end(self.session, last_step)
             for hook in self.spec.hooks:
                 hook.end(self.session)
+            if self.spec.checkpoint is not None:
+                self.spec.checkpoint.store.release()
         if self.spec.summary is not None:
             self._summary_writer.flush()
         if self.spec.checkpoint is not None:

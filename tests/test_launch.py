@@ -993,3 +993,21 @@ def test_ctrl_c_of_a_ray_launch_keeps_the_summaries_the_chief_wrote(ray_session,
     acc.Reload()
     steps = [e.step for e in acc.Scalars("loss")]
     assert steps[:1] == [1] and 91 in steps, steps   # every summary up to the checkpoint reached the disk
+
+
+def test_a_launch_whose_directory_another_run_took_over_stops_at_its_next_commit(ckpt_dir, backend):
+    # The other run's claim is made by worker 0 at step 6, as a replacement job starting then would.
+    def take_over_at_6(ctx, step):
+        if ctx.worker_index == 0 and step == 6:
+            rh.CheckpointStore(rh.Storage(ckpt_dir)).claim()
+
+    def train(ctx):
+        return _train(ctx, take_over_at_6)
+
+    with pytest.raises(Exception, match=r"not committed: .* has another writer now") as error:
+        rh.launch(train, 2, backend=backend, tf_config=False,
+                  chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=4)],
+                  hooks=[rh.StopAtStepHook(last_step=12)])
+    assert "DirectoryTakenOver" in repr(error.value) or isinstance(error.value, rh.DirectoryTakenOver)
+    # Nothing saved after the claim is committed; the chief's commits of 0 and 4 may come after it too.
+    assert set(i.step for i in _committed(ckpt_dir)) <= {0, 4}
