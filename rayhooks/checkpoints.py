@@ -39,6 +39,7 @@ logger = logging.getLogger("rayhooks")
 STATE_FILE = "checkpoint"
 MANIFEST_SUFFIX = ".manifest.json"
 LISTENERS_SUFFIX = ".after_save"
+_TEMPORARY = re.compile(r".*\.tmp-[0-9a-f]{12}")  # a local write's temporary (Storage names them so)
 WRITER_SUFFIX = ".writer.json"  # after the basename: which run writes this directory now
 
 
@@ -366,7 +367,8 @@ class CheckpointStore:
             m = self._pattern.fullmatch(name)
             if m and "%s-%s" % (self.basename, m.group(1)) not in committed:
                 out.append(name)
-            elif ".tmp-" in name and (name.startswith(self.basename) or name.startswith(STATE_FILE + ".tmp-")):
+            elif _TEMPORARY.fullmatch(name) and (name.startswith(self.basename)
+                                                 or name.startswith(STATE_FILE + ".tmp-")):
                 out.append(name)  # a local write cut short before its rename
         return out
 

@@ -259,10 +259,19 @@ class NumpySaver:
         if missing:
             raise ValueError("%s has no tensor %s; it was written from a different state"
                              % (checkpoint.url, ", ".join(missing)))
+        differ = ["%r: %s %s saved, %s %s here" % (key, value.shape, value.dtype, self.arrays[key].shape,
+                                                      self.arrays[key].dtype)
+                  for key, value in values.items() if key in self.arrays
+                  and isinstance(self.arrays[key], np.ndarray) and value.dtype != object
+                  and (self.arrays[key].shape != value.shape or self.arrays[key].dtype != value.dtype)]
+        if differ:
+            # Swapping in the saved array instead would train the user's array from its initial
+            # values while every later checkpoint saved the swapped-in, frozen one.
+            raise ValueError("%s does not fit the state it is restored into (%s); pass arrays of the shapes "
+                             "and dtypes that saved it" % (checkpoint.url, "; ".join(differ)))
         for key, value in values.items():
             current = self.arrays.get(key)
-            if isinstance(current, np.ndarray) and current.shape == value.shape \
-                    and current.dtype == value.dtype and current.flags.writeable:
+            if isinstance(current, np.ndarray) and current.flags.writeable and current.dtype != object:
                 current[...] = value  # in place, so references the user holds see the restore
             else:
                 self.arrays[key] = value

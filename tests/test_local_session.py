@@ -453,3 +453,37 @@ def test_resuming_into_a_state_of_other_shapes_names_the_checkpoint(tmp_path):
     message = str(error.value)
     assert "model.ckpt-10 does not fit the state it is restored into" in message
     assert "shapes and dtypes that saved it" in message and len(message) < 1000
+
+
+@pytest.mark.parametrize("other", [np.zeros((4, 3), np.float32), np.zeros((3, 4), np.float64)],
+                         ids=["shape", "dtype"])
+def test_resuming_a_numpy_state_of_other_shapes_or_dtypes_names_the_checkpoint(tmp_path, other):
+    # Before, the saved array was swapped into the dict: the step trained the user's own array from
+    # zeros while every later checkpoint saved the swapped-in one.
+    url = str(tmp_path / "ckpt")
+
+    def run(w, last_step):
+        state = {"w": w}
+        with rh.MonitoredTrainingSession(checkpoint_dir=url, save_checkpoint_steps=10, save_summaries_steps=None,
+                                         hooks=[rh.StopAtStepHook(last_step=last_step)], state=state) as sess:
+            while not sess.should_stop():
+                sess.run(lambda: state["w"].__iadd__(1))
+
+    run(np.zeros((3, 4), np.float32), 10)
+    with pytest.raises(ValueError) as error:
+        run(other, 20)
+    message = str(error.value)
+    assert "model.ckpt-10 does not fit the state it is restored into" in message
+    assert "'w': (3, 4) float32 saved, %s %s here" % (other.shape, other.dtype) in message
+
+
+def test_a_basename_holding_tmp_keeps_its_checkpoints(tmp_path):
+    url = str(tmp_path)
+    with rh.MonitoredTrainingSession(
+            state={"w": np.zeros(2)}, save_checkpoint_secs=None, save_summaries_steps=None,
+            chief_only_hooks=[rh.CheckpointSaverHook(url, save_steps=2, checkpoint_basename="ckpt.tmp")],
+            hooks=[rh.StopAtStepHook(last_step=5)]) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: None)
+    store = rh.CheckpointStore(rh.Storage(url), "ckpt.tmp")
+    assert [i.step for i in store.committed()] == [0, 2, 4, 5] and store.partials() == []
