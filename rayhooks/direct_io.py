@@ -170,7 +170,16 @@ class DirectFile:
         while len(self._pending) >= self._depth:
             self._free.append(self._wait_oldest(raise_error=True))
         view = self._views[self._current][:nbytes]
-        self._pending.append((_io_pool().submit(self._drain, view, self._offset), self._current))
+        try:
+            future = _io_pool().submit(self._drain, view, self._offset)
+        except RuntimeError:  # the interpreter is exiting (a save still in flight then): write it here
+            import concurrent.futures
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(self._drain(view, self._offset))
+            except BaseException as e:  # noqa: BLE001 -- raised by _wait_oldest, as a pool's would be
+                future.set_exception(e)
+        self._pending.append((future, self._current))
         self._offset += nbytes
 
     def _wait_oldest(self, raise_error: bool) -> int:

@@ -104,9 +104,13 @@ class MonitoredSession:
         self._should_stop = False
         self._closed = False
         self._counted_from = None
-        for hook in self._hooks:
-            hook.begin()
-        self._create(global_step)
+        try:
+            for hook in self._hooks:
+                hook.begin()
+            self._create(global_step)
+        except BaseException as e:
+            self._close(type(e))  # no signal handler or writer thread outlives a session that never started
+            raise
 
     def _create(self, global_step):
         step = None
@@ -247,6 +251,9 @@ class MonitoredSession:
                 restore = getattr(hook, "_restore_signal_handlers", None)
                 if restore is not None:
                     restore()
+                writer = getattr(hook, "_writer", None)
+                if writer is not None and hasattr(writer, "abandon"):
+                    writer.abandon()  # a save in flight still finishes: it is a consistent checkpoint
         else:
             self._check_step_count()
             for hook in self._hooks:

@@ -156,6 +156,12 @@ class BackgroundWriter:
         finally:
             bar.close()
 
+    def abandon(self) -> None:
+        """For a run that failed: jobs already submitted finish, then the thread ends; nothing is waited for."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
     def close(self) -> None:
         """Waits for every job, then raises a stored error, if any."""
         if self._executor is not None:

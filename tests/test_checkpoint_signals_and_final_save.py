@@ -348,3 +348,35 @@ def test_sigterm_during_the_final_save_of_an_unfinished_run_raises_preempted(tmp
     assert process_sigterm == []
     assert error.value.step == 7 and error.value.checkpoint == url + "/model.ckpt-7"
     assert _committed(url) == [0, 5, 7]
+
+
+def test_a_session_that_cannot_start_leaves_no_signal_handler_behind(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"not a directory")
+    with pytest.raises(OSError):
+        rh.MonitoredTrainingSession(state={"w": np.zeros(1)}, save_checkpoint_secs=None,
+                                    chief_only_hooks=[rh.CheckpointSaverHook(str(a_file), save_steps=2)])
+    # the autouse fixture checks that SIGTERM's handler is the one from before
+
+
+def test_a_failed_runs_writer_thread_ends_once_its_save_is_done(tmp_path):
+    import threading
+    before = set(threading.enumerate())
+    state = {"w": np.zeros(1 << 16)}
+    hook = rh.AsyncCheckpointSaverHook(str(tmp_path), save_steps=2, in_flight="wait")
+
+    def step():
+        state["w"] += 1
+        if state["w"][0] == 3:
+            raise RuntimeError("training failed")
+    with pytest.raises(RuntimeError, match="training failed"):
+        with rh.MonitoredTrainingSession(state=state, chief_only_hooks=[hook], save_checkpoint_secs=None,
+                                         save_summaries_steps=None) as sess:
+            while True:
+                sess.run(step)
+    writers = [t for t in set(threading.enumerate()) - before if t.name.startswith("rayhooks-writer")]
+    assert writers  # the saves of steps 0 and 2 ran on it
+    for thread in writers:
+        thread.join(60)
+    assert not [t for t in writers if t.is_alive()]
+    assert _committed(str(tmp_path)) == [0, 2]  # a save in flight as the run failed still commits
