@@ -15,13 +15,15 @@ import json
 import logging
 import signal
 import threading
+import time
 from typing import Dict, List, Optional
 
 from rayhooks.basic_hooks import StopAtStepHook
-from rayhooks.checkpoint_hooks import preempted
+from rayhooks.checkpoint_hooks import CheckpointSaverHook, preempted
 from rayhooks.chief import Chief
 from rayhooks.session_run_hook import check_hooks
 from rayhooks.spec import build_spec
+from rayhooks.summary_hook import SummarySaverHook
 from rayhooks.summary_writer import SummaryWriterCache
 
 ANNOUNCE_LATENCY_SECS = 0.05  # a chief-to-worker actor call, with room for a loaded node
@@ -100,6 +102,15 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
     if backend not in ("ray", "local"):
         raise ValueError("backend must be 'ray' or 'local', got %r" % (backend,))
     hooks = check_hooks(hooks)
+    for hook in hooks:
+        if isinstance(hook, (CheckpointSaverHook, SummarySaverHook)):
+            # Each worker would run it: all of them saving into one directory at once.
+            raise ValueError("launch(hooks=) run on every worker; put the %s in chief_only_hooks=, whose "
+                             "schedule every worker follows and whose files the chief commits once"
+                             % type(hook).__name__)
+        if isinstance(hook, StopAtStepHook) and hook._last_step is None:
+            raise ValueError("under launch, give StopAtStepHook(last_step=...): num_steps depends on "
+                             "the restored step, which each worker learns only as it starts")
     spec = build_spec(check_hooks(chief_only_hooks, "chief_only_hooks"), all_workers_write)
     for hook in hooks:  # a worker's StopAtStepHook is a stop every worker must share
         if isinstance(hook, StopAtStepHook) and hook._last_step is not None:
@@ -232,6 +243,9 @@ def _ensure_ray(ray_init_kwargs):
     return ray
 
 
+_PLACEMENT_NOTICE_SECS = 15.0  # how often a launch waiting for resources says so
+
+
 def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,
              report_interval, ray_init_kwargs, placement_timeout_s, max_failures, name, worker_niceness=0):
     ray = _ensure_ray(ray_init_kwargs)
@@ -241,20 +255,40 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
 
     resources = dict(resources_per_worker or {"CPU": 1})
     pg = placement_group([resources] * num_workers, strategy=placement_strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
+    # In slices, so that a run waiting for resources says so (an autoscaler may still add them).
+    deadline, ready = time.monotonic() + placement_timeout_s, []
+    while not ready:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _ = ray.wait([pg.ready()], timeout=min(left, _PLACEMENT_NOTICE_SECS))
+        if not ready and left > _PLACEMENT_NOTICE_SECS:
+            logger.warning("waiting to reserve %d workers with %s each (strategy %s): the cluster has %s "
+                           "available of %s; giving up in %.0f s (placement_timeout_s)", num_workers, resources,
+                           placement_strategy, ray.available_resources(), ray.cluster_resources(),
+                           left - _PLACEMENT_NOTICE_SECS)
     if not ready:
         remove_placement_group(pg)
-        raise TimeoutError("could not reserve %d workers with %s each (strategy %s) within %ss; the "
-                           "cluster has %s" % (num_workers, resources, placement_strategy, placement_timeout_s,
-                                               ray.cluster_resources()))
+        raise TimeoutError("could not reserve %d workers with %s each (strategy %s) within %ss; the cluster "
+                           "has %s available of %s: ask for fewer workers or resources, or add nodes"
+                           % (num_workers, resources, placement_strategy, placement_timeout_s,
+                              ray.available_resources(), ray.cluster_resources()))
     # A chief that dies is restarted by Ray and rebuilds itself from storage; calls in
     # flight to it (reports, the end of a worker's loop) are retried on the new one.
     # Ray reads RAY_worker_niceness from an actor's runtime env when it starts the process. The
     # chief gets the workers' value: at Ray's 15 it would starve behind busy workers at 0.
     runtime_env = None if worker_niceness is None else {"env_vars": {"RAY_worker_niceness": str(int(worker_niceness))}}
-    chief = ChiefActor.options(max_restarts=max(1, max_failures), max_task_retries=-1,
-                               runtime_env=runtime_env).remote(
-        spec, num_workers, report_interval, ["rayhooks-%s-worker-%d" % (name, i) for i in range(num_workers)])
+    try:
+        chief = ChiefActor.options(max_restarts=max(1, max_failures), max_task_retries=-1,
+                                   runtime_env=runtime_env).remote(
+            spec, num_workers, report_interval, ["rayhooks-%s-worker-%d" % (name, i) for i in range(num_workers)])
+    except BaseException as e:
+        remove_placement_group(pg)  # or the next launch waits for the CPUs this one still holds
+        if isinstance(e, TypeError) and "serializ" in str(e):
+            raise TypeError("chief_only_hooks and their listeners travel to the chief actor by pickle, and one "
+                            "of them does not pickle; make locks, clients, files and models in its begin(), "
+                            "not in __init__. Ray's error: %s" % e) from e
+        raise
     workers = []
     options = {k.lower(): v for k, v in resources.items() if k in ("CPU", "GPU")}
     custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}

@@ -620,6 +620,20 @@ def test_memory_urls_are_refused_under_ray_before_anything_starts(which):
                   ray_init_kwargs={"address": "refused-before-ray-starts:1"})
 
 
+@pytest.mark.parametrize("hook, says", [
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=5), "put the CheckpointSaverHook in chief_only_hooks="),
+    (lambda d: rh.AsyncCheckpointSaverHook(d, save_steps=5), "put the AsyncCheckpointSaverHook in chief_only_hooks="),
+    (lambda d: rh.SummarySaverHook(save_steps=5, output_dir=d, summary_op=["loss"]),
+     "put the SummarySaverHook in chief_only_hooks="),
+    (lambda d: rh.StopAtStepHook(num_steps=3), r"give StopAtStepHook\(last_step=...\)")],
+    ids=["sync", "async", "summaries", "num_steps"])
+def test_hooks_that_every_worker_would_run_wrongly_are_refused_before_anything_starts(tmp_path, hook, says):
+    # A saver in hooks= had every worker save into one directory at once.
+    with pytest.raises(ValueError, match=says):
+        rh.launch(count_steps, 2, backend="ray", hooks=[hook(str(tmp_path))],
+                  ray_init_kwargs={"address": "refused-before-ray-starts:1"})
+
+
 def test_a_summary_writer_under_launch_must_be_a_rayhooks_one(tmp_path):
     class FileWriterLike:  # enough for a hook in one process, not for launch's chief
         def add_summary(self, summary, global_step=None):
@@ -1011,3 +1025,22 @@ def test_a_launch_whose_directory_another_run_took_over_stops_at_its_next_commit
     assert "DirectoryTakenOver" in repr(error.value) or isinstance(error.value, rh.DirectoryTakenOver)
     # Nothing saved after the claim is committed; the chief's commits of 0 and 4 may come after it too.
     assert set(i.step for i in _committed(ckpt_dir)) <= {0, 4}
+
+
+class _HoldsALock(rh.CheckpointSaverListener):
+    def __init__(self):
+        self.lock = threading.Lock()  # does not pickle: the chief never gets this listener
+
+
+def test_a_listener_that_does_not_pickle_says_so_and_frees_the_workers_resources(ckpt_dir, ray_session):
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # as the backend fixture does
+    with pytest.raises(TypeError, match=r"travel to the chief actor by pickle.*in its begin\(\)"):
+        rh.launch(count_steps, 2, backend="ray", tf_config=False,
+                  chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=4, listeners=[_HoldsALock()])],
+                  hooks=[rh.StopAtStepHook(last_step=4)])
+    # The placement group went with it: a launch asking for the same CPUs gets them.
+    result = rh.launch(count_steps, 2, backend="ray", tf_config=False, placement_timeout_s=60,
+                       chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=4)],
+                       hooks=[rh.StopAtStepHook(last_step=4)])
+    assert result.checkpoints == [0, 4]
