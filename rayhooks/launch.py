@@ -31,6 +31,9 @@ CHIEF_PROBE_SECS = 2.0  # how often the driver checks, while workers train, that
 
 logger = logging.getLogger("rayhooks")
 
+_STOP_WAIT_SECS = 30.0  # for local workers to leave their step once a run stopped
+_PLACEMENT_NOTICE_SECS = 15.0  # how often a launch waiting for resources says so
+
 
 @dataclasses.dataclass
 class LaunchResult:
@@ -168,7 +171,7 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
     chief = Chief(spec, num_workers, lambda i, update: contexts[i].agent.receive(update),
                   report_latency=announce_latency(report_interval), report_interval=report_interval)
     chief_thread = ChiefThread(chief)
-    failures = 0
+    failures, threads = 0, []
     try:
         start = chief_thread.call("start")
         transport = LocalTransport(chief_thread)
@@ -209,7 +212,16 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
                                "worker's traceback:\n%s" % (i, formatted)) from error
         summary = chief_thread.call("finish")
     except BaseException:
-        # Ctrl-C, say: finish() did not run. In a notebook no exit-time flush follows.
+        # Ctrl-C, say: the workers stop at their next step (in a notebook nothing else would
+        # stop them), and finish() did not run, nor will an exit-time flush follow.
+        for ctx in contexts:
+            ctx.agent.abort()
+        for t in threads:
+            t.join(_STOP_WAIT_SECS)
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            logger.warning("%s still in a step %.0f s after the run stopped; they stop at their next step",
+                           ", ".join(stuck), _STOP_WAIT_SECS)
         SummaryWriterCache.flush_all("after the run stopped")
         raise
     finally:
@@ -241,9 +253,6 @@ def _ensure_ray(ray_init_kwargs):
     if not ray.is_initialized():
         ray.init(**(ray_init_kwargs or {}))  # joins a running cluster (RAY_ADDRESS, a Ray Job) or starts one
     return ray
-
-
-_PLACEMENT_NOTICE_SECS = 15.0  # how often a launch waiting for resources says so
 
 
 def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement_strategy, tf_config,

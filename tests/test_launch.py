@@ -1044,3 +1044,21 @@ def test_a_listener_that_does_not_pickle_says_so_and_frees_the_workers_resources
                        chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=4)],
                        hooks=[rh.StopAtStepHook(last_step=4)])
     assert result.checkpoints == [0, 4]
+
+
+def test_ctrl_c_during_a_local_launch_stops_its_worker_threads(ckpt_dir):
+    # SIGINT is real: raised from worker 0 at step 3, Python runs its handler in the main thread,
+    # which is joining the workers; the workers would otherwise train on to step 200000.
+    def interrupt_at_3(ctx, step):
+        if ctx.worker_index == 0 and step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    def train(ctx):
+        return _train(ctx, interrupt_at_3)
+
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        rh.launch(train, 2, backend="local", chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=1000)],
+                  hooks=[rh.StopAtStepHook(last_step=200000)])
+    workers = [t for t in set(threading.enumerate()) - before if "-worker-" in t.name]
+    assert workers == []  # joined before the KeyboardInterrupt reached the caller
