@@ -1,6 +1,7 @@
 """TF1's small hooks: stop at a step, count steps, log tensors, catch NaN."""
 
 import logging
+import numbers
 
 import numpy as np
 
@@ -20,6 +21,9 @@ class StopAtStepHook(SessionRunHook):
             raise ValueError("One of num_steps or last_step must be specified.")
         if num_steps is not None and last_step is not None:
             raise ValueError("Only one of num_steps or last_step can be specified.")
+        for name, value in (("num_steps", num_steps), ("last_step", last_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+                raise ValueError("StopAtStepHook(%s=) must be a whole number of steps >= 0, got %r" % (name, value))
         self._num_steps = num_steps
         self._last_step = last_step
 
@@ -47,7 +51,8 @@ class StepCounterHook(SessionRunHook):
         if (every_n_steps is None) == (every_n_secs is None):
             raise ValueError("exactly one of every_n_steps and every_n_secs should be provided.")
         check_summary_writer(summary_writer, "StepCounterHook", ("add_scalar",))
-        self._timer = SecondOrStepTimer(every_steps=every_n_steps, every_secs=every_n_secs, clock=clock)
+        self._timer = SecondOrStepTimer(every_steps=every_n_steps, every_secs=every_n_secs, clock=clock,
+                                        names=("every_n_secs", "every_n_steps"))
         self._summary_writer = summary_writer
         self._output_dir = output_dir
         self._storage_options = storage_options
@@ -111,7 +116,7 @@ class LoggingTensorHook(SessionRunHook):
         self._tensors = tensors
         self._formatter = formatter
         self._timer = NeverTriggerTimer() if only_log_at_end else SecondOrStepTimer(
-            every_secs=every_n_secs, every_steps=every_n_iter, clock=clock)
+            every_secs=every_n_secs, every_steps=every_n_iter, clock=clock, names=("every_n_secs", "every_n_iter"))
         self._log_at_end = at_end
 
     def begin(self):

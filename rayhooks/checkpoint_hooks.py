@@ -132,6 +132,37 @@ class CheckpointSaverListener:
         pass
 
 
+def _checked_signals(signals) -> tuple:
+    if not signals:
+        return ()
+    if isinstance(signals, (int, signal.Signals)):
+        raise TypeError("save_on_signals takes a tuple of signals, e.g. (signal.SIGTERM,), got %r" % (signals,))
+    signals = tuple(signals)
+    uncatchable = {getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)}
+    for sig in signals:
+        if sig in uncatchable or sig not in signal.valid_signals():
+            raise ValueError("save_on_signals: %r cannot be caught by a process; SIGTERM is what job systems "
+                             "send before they stop one" % (sig,))
+    return signals
+
+
+def _checked_listeners(listeners) -> list:
+    if listeners is None:
+        return []
+    if isinstance(listeners, CheckpointSaverListener) or hasattr(listeners, "after_save"):
+        raise TypeError("listeners= takes a list of listeners; pass [%s]" % type(listeners).__name__)
+    listeners = list(listeners)
+    for listener in listeners:
+        if isinstance(listener, type):
+            raise TypeError("listeners holds the class %s, not a listener: pass an instance, %s(...)"
+                            % (listener.__name__, listener.__name__))
+        missing = [m for m in ("begin", "before_save", "after_save", "end") if not callable(getattr(listener, m, None))]
+        if missing:
+            raise TypeError("listeners holds a %s, which has no %s; subclass rh.CheckpointSaverListener"
+                            % (type(listener).__name__, ", ".join(missing)))
+    return listeners
+
+
 class CheckpointSaverHook(SessionRunHook):
     """Saves checkpoints every N steps or seconds; TF1's signature, any fsspec URL.
 
@@ -159,7 +190,7 @@ class CheckpointSaverHook(SessionRunHook):
                              "or 'retry_next_save' (log it, keep training, try again at the next save); "
                              "got %r" % (on_write_error,))
         self._on_write_error = on_write_error
-        self._save_on_signals = tuple(save_on_signals or ())
+        self._save_on_signals = _checked_signals(save_on_signals)
         self._listening = set()  # the signals this hook hears through the shared handler
         self._preempted = False
         self._ending = False
@@ -172,8 +203,9 @@ class CheckpointSaverHook(SessionRunHook):
         self._saver = as_saver(saver)
         self._scaffold = scaffold
         self._checkpoint_dir = checkpoint_dir
-        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
-        self._listeners = list(listeners or [])
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock,
+                                        names=("save_secs", "save_steps"))
+        self._listeners = _checked_listeners(listeners)
         self._save_graph_def = save_graph_def
         self._steps_per_run = 1
         self.retries = 0

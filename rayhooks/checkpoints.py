@@ -81,6 +81,9 @@ class RetentionPolicy:
     def __init__(self, max_to_keep: Optional[int] = 5, keep_checkpoint_every_n_hours: Optional[float] = None):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError("max_to_keep must be >= 1, or None or 0 (keep all), got %r" % (max_to_keep,))
+        if keep_checkpoint_every_n_hours is not None and not keep_checkpoint_every_n_hours > 0:
+            raise ValueError("keep_checkpoint_every_n_hours must be > 0 hours, or None (keep none extra), got %r"
+                             % (keep_checkpoint_every_n_hours,))
         self.max_to_keep = max_to_keep or None
         self.keep_every_secs = None if keep_checkpoint_every_n_hours is None else keep_checkpoint_every_n_hours * 3600
 
@@ -104,6 +107,10 @@ class CheckpointStore:
 
     def __init__(self, storage: Storage, basename: str = "model.ckpt",
                  retention: Optional[RetentionPolicy] = None, clock=time.time):
+        if not isinstance(basename, str) or not basename or "/" in basename or "\\" in basename \
+                or basename in (".", ".."):
+            raise ValueError("checkpoint_basename must be a file name (no '/'), got %r; put directories in "
+                             "checkpoint_dir" % (basename,))
         self.storage = storage
         self.basename = basename
         self.retention = retention or RetentionPolicy()

@@ -100,8 +100,10 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         keeps Ray's setting. The chief actor gets the same value, so that
         busy workers do not starve it. Ignored by the local backend.
     """
-    if num_workers < 1:
-        raise ValueError("num_workers must be >= 1, got %r" % (num_workers,))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError("num_workers must be a whole number >= 1, got %r" % (num_workers,))
+    if not isinstance(report_interval, (int, float)) or not report_interval > 0:
+        raise ValueError("report_interval must be > 0 seconds, got %r" % (report_interval,))
     if backend not in ("ray", "local"):
         raise ValueError("backend must be 'ray' or 'local', got %r" % (backend,))
     hooks = check_hooks(hooks)

@@ -18,6 +18,7 @@ A step with no planned action does no I/O: the hooks only compare integers.
 
 import inspect
 import logging
+import numbers
 import sys
 
 from rayhooks.basic_hooks import StopAtStepHook
@@ -74,8 +75,8 @@ class MonitoredSession:
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
                  global_step=None, steps_per_run=1, scaffold=None, restore_store=None,
                  is_chief=True, worker_index=0, num_workers=1, restore_shard=None):
-        if steps_per_run < 1:
-            raise ValueError("steps_per_run must be >= 1, got %r" % (steps_per_run,))
+        if isinstance(steps_per_run, bool) or not isinstance(steps_per_run, numbers.Integral) or steps_per_run < 1:
+            raise ValueError("steps_per_run must be a whole number >= 1, got %r" % (steps_per_run,))
         self._hooks = check_hooks(chief_hooks, "chief_hooks") + check_hooks(hooks)
         _refuse_two_savers_in_one_directory(self._hooks)
         self._steps_per_run = steps_per_run
@@ -127,6 +128,8 @@ class MonitoredSession:
                 logger.info("[step=%d] restored %s", step, info.url)
         if step is None and global_step is not None:
             step = _read_step(global_step)
+            if step < 0:  # checkpoint names and every schedule count up from 0
+                raise ValueError("global_step= reads %d; the global step starts at 0 or above" % step)
         self.handle.global_step = step or 0
         if hasattr(global_step, "assign_add"):  # a variable: checked against the runs counted at close
             try:
@@ -179,6 +182,8 @@ class MonitoredSession:
             # resolve against the step's outputs.
             return self._run_hooks(step_fn, (), {}, True, result)
         if self._should_stop:
+            if self._closed:
+                raise RuntimeError("Attempted to use a closed Session.")  # tf.compat.v1.Session's words
             raise RuntimeError("Run called even after should_stop requested.")
         return self._run_hooks(step_fn, args, kwargs, False, None)
 

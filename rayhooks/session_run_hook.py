@@ -101,6 +101,9 @@ def check_hooks(hooks, argument: str = "hooks") -> list:
     """`hooks` as a list; a TypeError for what cannot run as a hook here, saying what to pass instead."""
     hooks = list(hooks or [])
     for hook in hooks:
+        if isinstance(hook, type):
+            raise TypeError("%s holds the class %s, not a hook: pass an instance, %s(...)"
+                            % (argument, hook.__name__, hook.__name__))
         cls = type(hook)
         if cls.__module__.startswith("tensorflow.") and cls.__name__ != "SessionRunHook":
             import rayhooks

@@ -131,6 +131,9 @@ class RetryPolicy:
                              % self.max_attempts)
         if self.initial_backoff < 0 or self.max_backoff < 0:
             raise ValueError("RetryPolicy backoffs must be >= 0 seconds.")
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError("RetryPolicy.max_backoff (%r s) is below initial_backoff (%r s); it caps the backoff"
+                             % (self.max_backoff, self.initial_backoff))
 
     def backoff(self, attempt: int) -> float:
         base = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)
@@ -151,6 +154,8 @@ class Storage:
                                 % (url,))
         self.url = url.rstrip("/") if len(url) > 1 else url
         self.storage_options = dict(storage_options or {})
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError("retry= takes an rh.RetryPolicy(...), got a %s" % type(retry).__name__)
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._on_retry = on_retry

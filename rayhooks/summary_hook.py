@@ -44,7 +44,8 @@ class SummarySaverHook(SessionRunHook):
         self._output_dir = output_dir
         self._storage_options = storage_options
         self._scaffold = scaffold
-        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock)
+        self._timer = SecondOrStepTimer(every_secs=save_secs, every_steps=save_steps, clock=clock,
+                                        names=("save_secs", "save_steps"))
 
     def begin(self):
         if self._summary_writer is None and self._output_dir:

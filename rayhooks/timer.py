@@ -7,6 +7,7 @@ triggers twice in a row, and otherwise a trigger needs `every_steps` steps or
 an argument, so schedules are tested with a fake clock and no sleeping.
 """
 
+import numbers
 import time
 from typing import Callable, Optional, Tuple
 
@@ -31,11 +32,20 @@ class ManualClock:
 class SecondOrStepTimer:
     """Triggers at most once every `every_secs` seconds or `every_steps` steps."""
 
-    def __init__(self, every_secs=None, every_steps=None, clock: Optional[Clock] = None):
+    def __init__(self, every_secs=None, every_steps=None, clock: Optional[Clock] = None,
+                 names=("every_secs", "every_steps")):
+        """`names`: the caller's own names for the two arguments, for its errors (e.g. save_secs, save_steps)."""
         if every_secs is None and every_steps is None:
             raise ValueError("Either every_secs or every_steps should be provided.")
         if every_secs is not None and every_steps is not None:
             raise ValueError("Can not provide both every_secs and every_steps.")
+        # TF1 took any value, and 0 or a negative one triggered every step; a string failed at the first step.
+        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, numbers.Integral)
+                                        or every_steps < 1):
+            raise ValueError("%s must be a whole number of steps >= 1, got %r" % (names[1], every_steps))
+        if every_secs is not None and (isinstance(every_secs, bool) or not isinstance(every_secs, numbers.Real)
+                                       or not every_secs >= 0):
+            raise ValueError("%s must be a number of seconds >= 0, got %r" % (names[0], every_secs))
         self._every_secs = every_secs
         self._every_steps = every_steps
         self._clock = clock or time.time

@@ -1,6 +1,7 @@
 """Bad input gets one clear error naming the URL and the fix, and nothing committed is touched."""
 
 import os
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -162,3 +163,48 @@ def test_a_hook_of_your_own_written_against_tf1s_base_class_runs():
         while not sess.should_stop():
             sess.run(lambda: None)
     assert CountRuns.runs == 3
+
+
+class _Listener(rh.CheckpointSaverListener):
+    pass
+
+
+@pytest.mark.parametrize("make, error, says", [
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=0), ValueError, r"save_steps must be a whole number of steps >= 1"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=1.5), ValueError, r"save_steps must be a whole number"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps="10"), ValueError, r"save_steps must be a whole number"),
+    (lambda d: rh.AsyncCheckpointSaverHook(d, save_secs=-1), ValueError, r"save_secs must be a number of seconds >= 0"),
+    (lambda d: rh.SummarySaverHook(save_steps=0, output_dir=d, summary_op=["x"]), ValueError, r"save_steps must be"),
+    (lambda d: rh.StepCounterHook(every_n_steps=0), ValueError, r"every_n_steps must be a whole number"),
+    (lambda d: rh.LoggingTensorHook(["x"], every_n_secs=-1), ValueError, r"every_n_secs must be a number"),
+    (lambda d: rh.StopAtStepHook(num_steps=-1), ValueError, r"num_steps=\) must be a whole number of steps >= 0"),
+    (lambda d: rh.StopAtStepHook(last_step=2.5), ValueError, r"last_step=\) must be a whole number"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, checkpoint_basename="a/b"), ValueError,
+     r"checkpoint_basename must be a file name \(no '/'\), got 'a/b'"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, keep_checkpoint_every_n_hours=-1), ValueError,
+     r"keep_checkpoint_every_n_hours must be > 0"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, save_on_signals=15), TypeError,
+     r"save_on_signals takes a tuple of signals"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, save_on_signals=(signal.SIGKILL,)), ValueError,
+     r"cannot be caught by a process"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, listeners=_Listener()), TypeError, r"pass \[_Listener\]"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, listeners=[_Listener]), TypeError,
+     r"the class _Listener, not a listener"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, listeners=[object()]), TypeError,
+     r"has no begin, before_save, after_save, end"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, retry={"max_attempts": 3}), TypeError,
+     r"retry= takes an rh.RetryPolicy"),
+    (lambda d: rh.RetryPolicy(initial_backoff=5, max_backoff=1), ValueError, r"max_backoff .* is below"),
+    (lambda d: rh.AsyncCheckpointSaverHook(d, save_steps=2, max_in_flight=1.5), ValueError, r"max_in_flight"),
+    (lambda d: rh.MonitoredSession(hooks=[rh.StopAtStepHook]), TypeError,
+     r"holds the class StopAtStepHook, not a hook: pass an instance"),
+    (lambda d: rh.MonitoredSession(steps_per_run=2.5), ValueError, r"steps_per_run must be a whole number"),
+    (lambda d: rh.MonitoredTrainingSession(state={"w": np.zeros(1)}, checkpoint_dir=d, global_step=-3),
+     ValueError, r"global_step= reads -3"),
+    (lambda d: rh.launch(lambda ctx: None, "2", backend="local"), ValueError, r"num_workers must be a whole number"),
+    (lambda d: rh.launch(lambda ctx: None, 1, backend="local", report_interval=0), ValueError,
+     r"report_interval must be > 0"),
+], ids=lambda v: "" if callable(v) or isinstance(v, type) else v[:24])
+def test_values_no_run_could_use_are_refused_when_given_naming_the_argument(tmp_path, make, error, says):
+    with pytest.raises(error, match=says):
+        make(str(tmp_path / "ckpt"))

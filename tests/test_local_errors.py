@@ -546,3 +546,11 @@ def test_a_session_that_runs_no_step_logs_nothing_at_end_and_a_fetch_says_no_ste
     assert "nothing to log at end" in caplog.text and "loss =" not in caplog.text
     with pytest.raises(KeyError, match="no step has run in this session yet"):
         sess.handle.run("loss")
+
+
+def test_run_after_close_says_the_session_is_closed():
+    sess = rh.MonitoredSession(state={"w": np.zeros(1)})
+    sess.run(lambda: None)
+    sess.close()
+    with pytest.raises(RuntimeError, match="Attempted to use a closed Session"):
+        sess.run(lambda: None)
