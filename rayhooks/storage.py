@@ -421,10 +421,24 @@ class Storage:
             raise PermissionError("%s is not writable (%s); check the credentials of this process "
                                   "and the bucket's or directory's permissions." % (self.url, e)) from e
         except FileNotFoundError as e:
-            raise FileNotFoundError("%s cannot be created (%s); check that the bucket exists and "
-                                    "the URL is spelled right." % (self.url, e)) from e
+            where = ("that its parent directories can be made" if self.is_local else
+                     "that the bucket exists")
+            raise FileNotFoundError("%s cannot be created (%s); check %s and the URL is spelled right."
+                                    % (self.url, e, where)) from e
         except OSError as e:
-            raise OSError("%s is not writable: %s" % (self.url, e)) from e
+            if isinstance(e, (ConnectionError, TimeoutError)) or "connect" in str(e).lower():
+                fix = ("check the endpoint, the network and the proxy settings of this process (for an emulator: "
+                       "STORAGE_EMULATOR_HOST, or endpoint_url in storage_options)")
+            elif self.is_local:
+                fix = "check that it is a directory (not a file) on a filesystem this process may write"
+            else:
+                fix = "check the URL, the bucket and the store's status"
+            message = "%s is not writable (%s); %s." % (self.url, e, fix)
+            try:
+                error = type(e)(message) if type(e).__module__ == "builtins" else OSError(message)
+            except TypeError:  # a subclass that wants other arguments
+                error = OSError(message)
+            raise error from e
 
 
 class _BytesCallback(fsspec.callbacks.Callback):

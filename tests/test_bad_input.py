@@ -208,3 +208,12 @@ class _Listener(rh.CheckpointSaverListener):
 def test_values_no_run_could_use_are_refused_when_given_naming_the_argument(tmp_path, make, error, says):
     with pytest.raises(error, match=says):
         make(str(tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_dir_that_is_a_file_keeps_its_error_type_and_says_what_to_check(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"not a directory")
+    with pytest.raises(FileExistsError) as error:
+        rh.Storage(str(a_file)).check_writable()
+    assert str(a_file) in str(error.value) and "check that it is a directory (not a file)" in str(error.value)
+    assert "bucket" not in str(error.value)
