@@ -36,6 +36,6 @@ __all__ = [
 ]
 
 from rayhooks.launch import LaunchResult, launch  # noqa: E402  (after the hooks it builds on)
-from rayhooks.worker import WorkerContext  # noqa: E402
+from rayhooks.worker import WorkerContext, WorkerError  # noqa: E402
 
-__all__ += ["LaunchResult", "WorkerContext", "launch"]
+__all__ += ["LaunchResult", "WorkerContext", "WorkerError", "launch"]

@@ -167,7 +167,7 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
     import copy
     import traceback
     from rayhooks.transport import ChiefThread, LocalTransport
-    from rayhooks.worker import WorkerContext
+    from rayhooks.worker import WorkerContext, WorkerError
 
     contexts = []
     chief = Chief(spec, num_workers, lambda i, update: contexts[i].agent.receive(update),
@@ -210,8 +210,7 @@ def _run_local(train_fn, num_workers, spec, hooks, resources_per_worker, placeme
                 continue
             chief_thread.call("worker_failed", i, repr(error))
             chief_thread.call("finish")
-            raise RuntimeError("worker %d failed; checkpoints committed before it stay committed. The "
-                               "worker's traceback:\n%s" % (i, formatted)) from error
+            raise WorkerError(i, formatted, error) from error
         summary = chief_thread.call("finish")
     except BaseException:
         # Ctrl-C, say: the workers stop at their next step (in a notebook nothing else would
@@ -262,7 +261,8 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
     ray = _ensure_ray(ray_init_kwargs)
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-    from rayhooks.ray_backend import ChiefActor, WorkerActor, WorkerError
+    from rayhooks.ray_backend import ChiefActor, WorkerActor
+    from rayhooks.worker import WorkerError
 
     resources = dict(resources_per_worker or {"CPU": 1})
     pg = placement_group([resources] * num_workers, strategy=placement_strategy)

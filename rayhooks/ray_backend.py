@@ -18,6 +18,8 @@ import traceback
 
 import ray
 
+from rayhooks.worker import WorkerError
+
 
 class _ChiefActor:
     def __init__(self, spec, num_workers, report_interval, worker_names=()):
@@ -144,24 +146,6 @@ def _picklable(error):
     except Exception:  # noqa: BLE001 -- any failure to pickle: send the text only
         return None
     return error
-
-
-class WorkerError(RuntimeError):
-    """A worker's `train_fn` raised; the message holds the worker's traceback.
-
-    `original` is the exception itself where it pickles; `launch` raises this
-    error from it, so `err.__cause__` is what `train_fn` raised, as with the
-    local backend.
-    """
-
-    def __init__(self, worker_index, formatted_traceback, original=None):
-        super().__init__(worker_index, formatted_traceback, original)
-        self.worker_index = worker_index
-        self.formatted_traceback = formatted_traceback
-        self.original = original
-
-    def __str__(self):
-        return "worker %d failed:\n%s" % (self.worker_index, self.formatted_traceback)
 
 
 ChiefActor = ray.remote(num_cpus=0)(_ChiefActor)

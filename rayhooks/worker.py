@@ -439,3 +439,22 @@ class WorkerContext:
                                 worker_index=self.worker_index, num_workers=self.num_workers,
                                 restore_shard=self.worker_index if self.spec.checkpoint is not None
                                 and self.spec.checkpoint.all_workers_write else None)
+
+
+class WorkerError(RuntimeError):
+    """A worker's `train_fn` raised; the message holds the worker's traceback.
+
+    The same on both backends. `original` is the exception itself (on Ray, where it
+    pickles); `launch` raises this error from it, so `err.__cause__` is what
+    `train_fn` raised.
+    """
+
+    def __init__(self, worker_index, formatted_traceback, original=None):
+        super().__init__(worker_index, formatted_traceback, original)
+        self.worker_index = worker_index
+        self.formatted_traceback = formatted_traceback
+        self.original = original
+
+    def __str__(self):
+        return ("worker %d failed; checkpoints committed before it stay committed. The worker's traceback:\n%s"
+                % (self.worker_index, self.formatted_traceback))

@@ -487,7 +487,8 @@ def test_worker_exception_raises_its_traceback_and_keeps_committed_checkpoints(b
     assert "in maybe_fail" in message
     assert "ValueError: worker 1 broke at step %d" % FAIL_AT in message
     # What train_fn raised, as the cause, on both backends: `except` clauses can look at it.
-    assert isinstance(failure.value, RuntimeError) and isinstance(failure.value.__cause__, ValueError)
+    assert isinstance(failure.value, rh.WorkerError) and isinstance(failure.value.__cause__, ValueError)
+    assert failure.value.worker_index == 1 and isinstance(failure.value, RuntimeError)
     assert str(failure.value.__cause__) == "worker 1 broke at step %d" % FAIL_AT
     store = rh.CheckpointStore(rh.Storage(ckpt_dir))
     infos = store.committed()
