@@ -93,13 +93,15 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(exc.__cause__, boto.ClientError):
             response = exc.__cause__.response or {}
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(status, int) and (status >= 500 or status in (408, 429)) or \
+            if isinstance(status, int) and (status >= 500 and status != 501 or status in (408, 429)) or \
                     response.get("Error", {}).get("Code") in _S3_RETRY_CODES:
                 return True
     except ImportError:  # s3fs is optional at run time for non-S3 users
         pass
     try:
         from gcsfs.retry import HttpError, is_retriable
+        if isinstance(exc, HttpError) and exc.code == 501:
+            return False  # Not Implemented (an emulator's answer to a request it lacks): no retry cures it
         if isinstance(exc, HttpError) or is_retriable(exc):
             return is_retriable(exc)
     except ImportError:  # gcsfs is optional at run time for non-GCS users
@@ -111,7 +113,7 @@ def is_transient(exc: BaseException) -> bool:
     except ImportError:
         pass
     code = getattr(exc, "code", None) or getattr(exc, "status", None)
-    if isinstance(code, int) and (code >= 500 or code in (408, 429)):
+    if isinstance(code, int) and (code >= 500 and code != 501 or code in (408, 429)):
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 

@@ -170,6 +170,7 @@ class _HttpError(Exception):
     (_HttpError(429), True),
     (_HttpError(408), True),
     (_HttpError(404), False),
+    (_HttpError(501), False),  # Not Implemented: the same request gets the same answer
     (_HttpError(403), False),
     (OSError(errno.ENOSPC, "disk full"), False),
     (FileNotFoundError(), False),
@@ -181,6 +182,12 @@ class _HttpError(Exception):
 ])
 def test_is_transient(error, transient):
     assert is_transient(error) is transient
+
+
+def test_gcsfs_not_implemented_is_not_retried_though_gcsfs_would():
+    from gcsfs.retry import HttpError, is_retriable
+    error = HttpError({"code": 501, "message": "Not Implemented"})
+    assert is_retriable(error) and not is_transient(error)
 
 
 def test_retry_policy_validation_and_backoff():
