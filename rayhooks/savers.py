@@ -239,8 +239,17 @@ class NumpySaver:
     """Saves and restores a dict of numpy arrays (keys are the checkpoint's tensor names)."""
 
     def __init__(self, arrays: Dict[str, np.ndarray]):
-        if not isinstance(arrays, dict) or not all(isinstance(k, str) for k in arrays):
-            raise TypeError("NumpySaver needs a dict with str keys, got %r" % type(arrays).__name__)
+        if not isinstance(arrays, dict):
+            raise TypeError("NumpySaver needs a dict with str keys, got a %s" % type(arrays).__name__)
+        key = next((k for k in arrays if not isinstance(k, str)), "")
+        if key != "":
+            raise TypeError("NumpySaver needs a dict with str keys (the checkpoint's tensor names), got the key %r"
+                            % (key,))
+        kind = next((k for k, v in arrays.items() if isinstance(v, np.ndarray) and v.dtype.hasobject
+                     and not all(isinstance(x, (str, bytes)) for x in v.ravel())), None)
+        if kind is not None:
+            raise TypeError("NumpySaver: arrays[%r] holds Python objects other than strings (dtype object), "
+                            "which a checkpoint cannot store; give it a numeric, bool or str dtype" % (kind,))
         self.arrays = arrays
         self._pool = _BufferPool()
 

@@ -217,3 +217,12 @@ def test_a_checkpoint_dir_that_is_a_file_keeps_its_error_type_and_says_what_to_c
         rh.Storage(str(a_file)).check_writable()
     assert str(a_file) in str(error.value) and "check that it is a directory (not a file)" in str(error.value)
     assert "bucket" not in str(error.value)
+
+
+@pytest.mark.parametrize("arrays, says", [
+    ({1: np.zeros(1)}, "got the key 1"),
+    ({"a": np.array([{}, 1], dtype=object)}, r"arrays\['a'\] holds Python objects other than strings"),
+])
+def test_a_numpy_state_a_checkpoint_cannot_hold_names_the_key(arrays, says):
+    with pytest.raises(TypeError, match=says):
+        rh.NumpySaver(arrays)
