@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import traceback
+import warnings
 
 import ray
 
@@ -29,7 +30,10 @@ class _ChiefActor:
         self._workers = []
         self.chief = Chief(spec, num_workers, self._send, report_latency=announce_latency(report_interval),
                            report_interval=report_interval)
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id (Ray 2.x)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             self.chief.recover()  # Ray restarted this actor: rebuild from storage (I3 holds across it)
 
     def _send(self, index, update):
