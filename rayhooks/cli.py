@@ -762,6 +762,12 @@ class _OneLineFormatter(logging.Formatter):
 def _describe(args, exc: BaseException) -> str:
     msg = str(exc) or type(exc).__name__
     url = getattr(args, "url", "")
+    to, filename = getattr(args, "to", None), getattr(exc, "filename", None)
+    if to and isinstance(filename, str):
+        dest = os.path.abspath(os.path.expanduser(to[len("file://"):] if to.startswith("file://") else to))
+        if os.path.abspath(filename) == dest or os.path.abspath(filename).startswith(dest + os.sep):
+            # The local destination failed, not the checkpoint's URL.
+            return "--to %s: %s; check that this process can make and write that directory" % (to, msg)
     if url and url not in msg:
         msg = "%s: %s" % (url, msg)
     if isinstance(exc, PermissionError):

@@ -717,3 +717,13 @@ def test_latest_follows_the_steps_not_the_clocks_of_the_machines_that_committed(
     code, out, _ = _run(capsys, "restore", url, "--to", str(tmp_path / "copy"), "-q")
     assert code == 0 and "restored step 40" in out
     assert tf.train.load_checkpoint(str(tmp_path / "copy")).get_tensor("w")[0] == 40
+
+
+def test_restore_to_a_place_it_cannot_write_names_the_destination_not_the_source(run_dir, tmp_path, capsys):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "sub").write_bytes(b"a file where a directory must go")
+    code, _, err = _run(capsys, "restore", run_dir, "--to", str(blocked / "sub" / "copy"), "-q")
+    assert code == 2
+    assert "--to %s" % (blocked / "sub" / "copy") in err and "make and write that directory" in err
+    assert run_dir not in err
