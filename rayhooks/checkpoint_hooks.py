@@ -138,6 +138,9 @@ def _checked_signals(signals) -> tuple:
     if isinstance(signals, (int, signal.Signals)):
         raise TypeError("save_on_signals takes a tuple of signals, e.g. (signal.SIGTERM,), got %r" % (signals,))
     signals = tuple(signals)
+    for sig in signals:
+        if isinstance(sig, bool) or not isinstance(sig, int):
+            raise TypeError("save_on_signals takes signal numbers such as signal.SIGTERM, got %r" % (sig,))
     uncatchable = {getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)}
     for sig in signals:
         if sig in uncatchable or sig not in signal.valid_signals():

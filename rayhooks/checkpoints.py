@@ -41,16 +41,6 @@ MANIFEST_SUFFIX = ".manifest.json"
 LISTENERS_SUFFIX = ".after_save"
 _TEMPORARY = re.compile(r".*\.tmp-[0-9a-f]{12}")  # a local write's temporary (Storage names them so)
 WRITER_SUFFIX = ".writer.json"  # after the basename: which run writes this directory now
-
-
-class DirectoryTakenOver(RuntimeError):
-    """Another run claimed the checkpoint directory since this one did: this run must not commit there.
-
-    Two runs saving into one directory would delete each other's checkpoints (each
-    one's retention and clean-up take the other's files for its own). The run that
-    started last wins, as when a job system starts a replacement while the old
-    process still runs; the old one stops at its next commit with this error.
-    """
 MANIFEST_FORMAT = "rayhooks.checkpoint/1"
 _CHUNK = 8 << 20
 
@@ -69,6 +59,16 @@ class CheckpointInfo:
     @property
     def nbytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
+
+
+class DirectoryTakenOver(RuntimeError):
+    """Another run claimed the checkpoint directory since this one did: this run must not commit there.
+
+    Two runs saving into one directory would delete each other's checkpoints (each
+    one's retention and clean-up take the other's files for its own). The run that
+    started last wins, as when a job system starts a replacement while the old
+    process still runs; the old one stops at its next commit with this error.
+    """
 
 
 class RetentionPolicy:
@@ -123,16 +123,18 @@ class CheckpointStore:
     def claim(self) -> None:
         """Makes this store the directory's writer; a later claim (another run) makes its commits fail.
 
-        Call it before reading the latest checkpoint to resume from: a commit of
-        the run taken over either lands before that read (and is resumed from) or
-        fails with `DirectoryTakenOver`, never both uncounted and reported durable.
+        Call it before reading the latest checkpoint to resume from. Claims are
+        numbered: each is one above the claim it found, so a run tells a newer claim
+        (it was taken over) from an older one written over its own (a run taken over
+        marking its claim released, in a race with the claim that replaced it).
         """
         name = self.basename + WRITER_SUFFIX
         previous = self._read_claim()
-        mine = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        seq = previous.get("seq", 0) + 1 if previous is not None and isinstance(previous.get("seq", 0), int) else 1
+        mine = {"run": uuid.uuid4().hex, "seq": seq, "host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.time()}
         if previous is not None and not previous.get("released"):
-            who = "run %s (host %s, pid %s, since %s)" % (previous.get("run"), previous.get("host"),
-                                                          previous.get("pid"), _utc(previous.get("since")))
+            who = _who(previous)
             if previous.get("host") == mine["host"] and not _pid_alive(previous.get("pid")):
                 logger.info("%s: taking over from %s, which ended without releasing it", self.url, who)
             else:
@@ -150,8 +152,8 @@ class CheckpointStore:
         try:
             current = self._read_claim()
             if current is not None and current.get("run") == mine["run"]:
-                # Marked, not deleted: a run taken over earlier and still going must find
-                # someone else's claim here, not none (see `_check_claim`).
+                # Marked, not deleted: a run taken over earlier and still going must find a
+                # newer claim here, not none (see `check_claim`).
                 released = dict(mine, released=time.time())
                 self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(released).encode())
         except Exception as e:  # noqa: BLE001 -- the run is over; the next one takes over all the same
@@ -166,25 +168,28 @@ class CheckpointStore:
             return None
         return claim if isinstance(claim, dict) else None
 
-    def _check_claim(self, step: int) -> None:
-        if self._claim is None:
+    def check_claim(self, step: int) -> None:
+        """Raises `DirectoryTakenOver` if another run claimed the directory since this store did."""
+        mine = self._claim
+        if mine is None:
             return
         current = self._read_claim()
-        if current is not None and current.get("run") == self._claim["run"]:
+        if current is not None and current.get("run") == mine["run"]:
             return
-        if current is None:
-            # Gone, not replaced (the files deleted by hand, a bucket emptied): no other run
-            # has claimed the directory, so this one still writes it.
-            logger.warning("[step=%d] %s: the writer claim %s is gone; claiming the directory again", step,
-                           self.url, self.storage.url_of(self.basename + WRITER_SUFFIX))
-            self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(self._claim).encode())
+        theirs = current.get("seq") if current is not None else None
+        newer = isinstance(theirs, int) and (theirs, str(current.get("run"))) > (mine["seq"], mine["run"])
+        if not newer:
+            # Gone (deleted by hand, a bucket emptied) or older than this run's own claim (an
+            # older run's release written over it): no newer run has claimed the directory.
+            logger.warning("[step=%d] %s: the writer claim %s is %s; claiming the directory again", step,
+                           self.url, self.storage.url_of(self.basename + WRITER_SUFFIX),
+                           "gone" if current is None else "an older run's (%s)" % _who(current))
+            self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(mine).encode())
             return
-        who = "run %s (host %s, pid %s) claimed it at %s" % (current.get("run"), current.get("host"),
-                                                                current.get("pid"), _utc(current.get("since")))
         raise DirectoryTakenOver(
-            "[step=%d] not committed: %s has another writer now (%s); two runs saving into one directory "
-            "would delete each other's checkpoints, so this run stops. Let one run write %s, or give each "
-            "its own checkpoint_dir" % (step, self.url, who, self.url))
+            "[step=%d] not committed: %s has another writer now (%s claimed it); two runs saving into one "
+            "directory would delete each other's checkpoints, so this run stops. Let one run write %s, or give "
+            "each its own checkpoint_dir" % (step, self.url, _who(current), self.url))
 
     @property
     def url(self) -> str:
@@ -201,6 +206,9 @@ class CheckpointStore:
         `prefix` names a per-worker shard; by default the checkpoint's own prefix.
         `on_bytes(n)` hears of the data bytes as they are written (a retried write counts again).
         """
+        # Before, too: a run taken over must not write over the files of a step the run that
+        # took over may have committed under the same names (its own commit would fail later).
+        self.check_claim(step)
         prefix = prefix or self.prefix_for(step)
         data_name = bundle.data_filename(prefix)
         index_name = bundle.index_filename(prefix)
@@ -226,12 +234,20 @@ class CheckpointStore:
         # On a local disk a file's fsync keeps its bytes but not its name: the data files' names
         # are made durable before the manifest can be, and the manifest's before after_save runs.
         self.storage.sync_directory()
-        self._check_claim(step)
+        self.check_claim(step)
         self.storage.write_bytes(prefix + MANIFEST_SUFFIX, json.dumps(manifest, indent=1).encode())
         self.storage.sync_directory()
         # Again once the manifest is there: a run that claimed the directory in between may
-        # have listed the checkpoints before it, and would then not resume from it.
-        self._check_claim(step)
+        # have listed the checkpoints before it. The manifest is withdrawn then (its files are
+        # partials again): a checkpoint of a run taken over must not be resumed from later.
+        try:
+            self.check_claim(step)
+        except DirectoryTakenOver:
+            try:
+                self.storage.delete([prefix + MANIFEST_SUFFIX])
+            except Exception as e:  # noqa: BLE001 -- reported with the error below
+                logger.error("[step=%d] could not withdraw the manifest of %s: %s", step, prefix, e)
+            raise
         info = CheckpointInfo(step, prefix, self.storage.url_of(prefix), files, now)
         self._retain(info)
         return info
@@ -589,3 +605,8 @@ def _pid_alive(pid) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def _who(claim: dict) -> str:
+    return "run %s (host %s, pid %s, since %s)" % (claim.get("run"), claim.get("host"), claim.get("pid"),
+                                                   _utc(claim.get("since")))

@@ -662,8 +662,8 @@ class Chief:
                     listener.end(self.session, last_step)
             for hook in self.spec.hooks:
                 hook.end(self.session)
-            if self.spec.checkpoint is not None:
-                self.spec.checkpoint.store.release()
+        if self.spec.checkpoint is not None:
+            self.spec.checkpoint.store.release()  # failed or not, the run is over
         if self.spec.summary is not None:
             self._summary_writer.flush()
         if self.spec.checkpoint is not None:

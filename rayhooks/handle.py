@@ -44,9 +44,9 @@ def resolve_fetches(fetches, outputs, stale_step):
             value = outputs[fetches]
         except KeyError:
             if outputs is NO_STEP_YET:
-                raise KeyError("fetch %r: no step has run in this session yet (it stopped before its first), "
+                raise FetchKeyError("fetch %r: no step has run in this session yet (it stopped before its first), "
                                "so there is no output of a step to fetch" % (fetches,)) from None
-            raise KeyError("fetch %r is not an output of the step; the step returned %s. Return a dict "
+            raise FetchKeyError("fetch %r is not an output of the step; the step returned %s. Return a dict "
                            "from your step function whose keys name the values hooks fetch."
                            % (fetches, sorted(outputs) or "nothing")) from None
         # TF1's session.run returned numpy values: a tf.function's EagerTensor outputs become numpy
@@ -54,7 +54,7 @@ def resolve_fetches(fetches, outputs, stale_step):
         if hasattr(value, "numpy"):
             return value.numpy()
         if is_per_replica(value):
-            raise TypeError("fetch %r is a per-replica value (%s) of a tf.distribute strategy; return "
+            raise FetchTypeError("fetch %r is a per-replica value (%s) of a tf.distribute strategy; return "
                             "strategy.reduce(tf.distribute.ReduceOp.MEAN, ..., axis=None) (or SUM) from the step "
                             "instead of strategy.run's result" % (fetches, type(value).__name__))
         return value
@@ -67,6 +67,14 @@ def resolve_fetches(fetches, outputs, stale_step):
     if callable(fetches):
         return fetches()
     return fetches
+
+
+class FetchKeyError(KeyError):
+    """A fetch that names no output of the step; `_fetched_by` adds the hook and the step."""
+
+
+class FetchTypeError(TypeError):
+    """A fetch whose value hooks cannot use (a per-replica value); `_fetched_by` adds the hook and the step."""
 
 
 def is_per_replica(value) -> bool:

@@ -13,6 +13,7 @@ and reports to the chief without waiting on it.
 import dataclasses
 import json
 import logging
+import numbers
 import signal
 import threading
 import time
@@ -100,10 +101,11 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         keeps Ray's setting. The chief actor gets the same value, so that
         busy workers do not starve it. Ignored by the local backend.
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 1:
         raise ValueError("num_workers must be a whole number >= 1, got %r" % (num_workers,))
-    if not isinstance(report_interval, (int, float)) or not report_interval > 0:
-        raise ValueError("report_interval must be > 0 seconds, got %r" % (report_interval,))
+    if isinstance(report_interval, bool) or not isinstance(report_interval, numbers.Real) or not report_interval >= 0:
+        raise ValueError("report_interval must be >= 0 seconds (0: a report every step), got %r"
+                         % (report_interval,))
     if backend not in ("ray", "local"):
         raise ValueError("backend must be 'ray' or 'local', got %r" % (backend,))
     hooks = check_hooks(hooks)
@@ -267,17 +269,24 @@ def _run_ray(train_fn, num_workers, spec, hooks, resources_per_worker, placement
     resources = dict(resources_per_worker or {"CPU": 1})
     pg = placement_group([resources] * num_workers, strategy=placement_strategy)
     # In slices, so that a run waiting for resources says so (an autoscaler may still add them).
-    deadline, ready = time.monotonic() + placement_timeout_s, []
-    while not ready:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _ = ray.wait([pg.ready()], timeout=min(left, _PLACEMENT_NOTICE_SECS))
-        if not ready and left > _PLACEMENT_NOTICE_SECS:
-            logger.warning("waiting to reserve %d workers with %s each (strategy %s): the cluster has %s "
-                           "available of %s; giving up in %.0f s (placement_timeout_s)", num_workers, resources,
-                           placement_strategy, ray.available_resources(), ray.cluster_resources(),
-                           left - _PLACEMENT_NOTICE_SECS)
+    deadline = None if placement_timeout_s is None else time.monotonic() + placement_timeout_s
+    ready = []
+    try:
+        while not ready:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            ready, _ = ray.wait([pg.ready()], timeout=_PLACEMENT_NOTICE_SECS if left is None
+                                else min(left, _PLACEMENT_NOTICE_SECS))
+            if not ready and (left is None or left > _PLACEMENT_NOTICE_SECS):
+                logger.warning("waiting to reserve %d workers with %s each (strategy %s): the cluster has %s "
+                               "available of %s; %s", num_workers, resources, placement_strategy,
+                               ray.available_resources(), ray.cluster_resources(),
+                               "no placement_timeout_s" if left is None else
+                               "giving up in %.0f s (placement_timeout_s)" % (left - _PLACEMENT_NOTICE_SECS))
+    except BaseException:  # Ctrl-C while waiting: the group would take the CPUs once they free up
+        remove_placement_group(pg)
+        raise
     if not ready:
         remove_placement_group(pg)
         raise TimeoutError("could not reserve %d workers with %s each (strategy %s) within %ss; the cluster "

@@ -24,7 +24,7 @@ import sys
 from rayhooks.basic_hooks import StopAtStepHook
 from rayhooks.checkpoint_hooks import preempted
 from rayhooks.coordinator import Coordinator
-from rayhooks.handle import SessionHandle, as_outputs, resolve_fetches
+from rayhooks.handle import FetchKeyError, FetchTypeError, SessionHandle, as_outputs, resolve_fetches
 from rayhooks.savers import as_saver
 from rayhooks.session_run_hook import (SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues,
                                        check_hooks)
@@ -259,6 +259,11 @@ class MonitoredSession:
                 writer = getattr(hook, "_writer", None)
                 if writer is not None and hasattr(writer, "abandon"):
                     writer.abandon()  # a save in flight still finishes: it is a consistent checkpoint
+                store = getattr(hook, "store", None)
+                if store is not None and hasattr(store, "release") and not (writer is not None and writer.busy()):
+                    # The run is over: the next one takes the directory without a warning. (Not
+                    # while a save still commits: the claim keeps fencing it.)
+                    store.release()
         else:
             self._check_step_count()
             for hook in self._hooks:
@@ -345,9 +350,7 @@ def _refuse_two_savers_in_one_directory(hooks) -> None:
 def _fetched_by(hook, fetches, outputs, stale, step):
     try:
         return resolve_fetches(fetches, outputs, stale)
-    except (KeyError, TypeError) as e:
-        if type(e) not in (KeyError, TypeError) or not e.args:  # a callable fetch's own error: as it is
-            raise
+    except (FetchKeyError, FetchTypeError) as e:  # not a callable fetch's own error: that one goes as it is
         raise type(e)("[step=%d] %s.before_run asked for it: %s" % (step, type(hook).__name__, e.args[0])) from None
 
 

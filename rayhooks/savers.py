@@ -271,8 +271,9 @@ class NumpySaver:
         differ = ["%r: %s %s saved, %s %s here" % (key, value.shape, value.dtype, self.arrays[key].shape,
                                                       self.arrays[key].dtype)
                   for key, value in values.items() if key in self.arrays
-                  and isinstance(self.arrays[key], np.ndarray) and value.dtype != object
-                  and (self.arrays[key].shape != value.shape or self.arrays[key].dtype != value.dtype)]
+                  and isinstance(self.arrays[key], np.ndarray)
+                  and (self.arrays[key].shape != value.shape  # strings come back as objects: their shape only
+                       or value.dtype != object and self.arrays[key].dtype != value.dtype)]
         if differ:
             # Swapping in the saved array instead would train the user's array from its initial
             # values while every later checkpoint saved the swapped-in, frozen one.

@@ -134,8 +134,10 @@ class RetryPolicy:
         if self.initial_backoff < 0 or self.max_backoff < 0:
             raise ValueError("RetryPolicy backoffs must be >= 0 seconds.")
         if self.max_backoff < self.initial_backoff:
-            raise ValueError("RetryPolicy.max_backoff (%r s) is below initial_backoff (%r s); it caps the backoff"
-                             % (self.max_backoff, self.initial_backoff))
+            raise ValueError("RetryPolicy.initial_backoff (%r s) is above max_backoff (%r s%s), which caps every "
+                             "backoff; raise max_backoff with it"
+                             % (self.initial_backoff, self.max_backoff,
+                                ", the default" if self.max_backoff == RetryPolicy.max_backoff else ""))
 
     def backoff(self, attempt: int) -> float:
         base = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)

@@ -39,10 +39,14 @@ class SecondOrStepTimer:
             raise ValueError("Either every_secs or every_steps should be provided.")
         if every_secs is not None and every_steps is not None:
             raise ValueError("Can not provide both every_secs and every_steps.")
-        # TF1 took any value, and 0 or a negative one triggered every step; a string failed at the first step.
+        # TF1 took any value: 0 triggers at every step (kept), a negative one did too and a string failed
+        # at the first step (refused here). A whole float (100.0) counts as the integer.
+        if every_steps is not None and not isinstance(every_steps, bool) and isinstance(every_steps, numbers.Real) \
+                and not isinstance(every_steps, numbers.Integral) and float(every_steps).is_integer():
+            every_steps = int(every_steps)
         if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, numbers.Integral)
-                                        or every_steps < 1):
-            raise ValueError("%s must be a whole number of steps >= 1, got %r" % (names[1], every_steps))
+                                        or every_steps < 0):
+            raise ValueError("%s must be a whole number of steps >= 0, got %r" % (names[1], every_steps))
         if every_secs is not None and (isinstance(every_secs, bool) or not isinstance(every_secs, numbers.Real)
                                        or not every_secs >= 0):
             raise ValueError("%s must be a number of seconds >= 0, got %r" % (names[0], every_secs))

@@ -170,12 +170,12 @@ class _Listener(rh.CheckpointSaverListener):
 
 
 @pytest.mark.parametrize("make, error, says", [
-    (lambda d: rh.CheckpointSaverHook(d, save_steps=0), ValueError, r"save_steps must be a whole number of steps >= 1"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=-1), ValueError, r"save_steps must be a whole number of steps >= 0"),
     (lambda d: rh.CheckpointSaverHook(d, save_steps=1.5), ValueError, r"save_steps must be a whole number"),
     (lambda d: rh.CheckpointSaverHook(d, save_steps="10"), ValueError, r"save_steps must be a whole number"),
     (lambda d: rh.AsyncCheckpointSaverHook(d, save_secs=-1), ValueError, r"save_secs must be a number of seconds >= 0"),
-    (lambda d: rh.SummarySaverHook(save_steps=0, output_dir=d, summary_op=["x"]), ValueError, r"save_steps must be"),
-    (lambda d: rh.StepCounterHook(every_n_steps=0), ValueError, r"every_n_steps must be a whole number"),
+    (lambda d: rh.SummarySaverHook(save_steps=-5, output_dir=d, summary_op=["x"]), ValueError, r"save_steps must be"),
+    (lambda d: rh.StepCounterHook(every_n_steps=-1), ValueError, r"every_n_steps must be a whole number"),
     (lambda d: rh.LoggingTensorHook(["x"], every_n_secs=-1), ValueError, r"every_n_secs must be a number"),
     (lambda d: rh.StopAtStepHook(num_steps=-1), ValueError, r"num_steps=\) must be a whole number of steps >= 0"),
     (lambda d: rh.StopAtStepHook(last_step=2.5), ValueError, r"last_step=\) must be a whole number"),
@@ -194,7 +194,9 @@ class _Listener(rh.CheckpointSaverListener):
      r"has no begin, before_save, after_save, end"),
     (lambda d: rh.CheckpointSaverHook(d, save_steps=2, retry={"max_attempts": 3}), TypeError,
      r"retry= takes an rh.RetryPolicy"),
-    (lambda d: rh.RetryPolicy(initial_backoff=5, max_backoff=1), ValueError, r"max_backoff .* is below"),
+    (lambda d: rh.RetryPolicy(initial_backoff=15), ValueError, r"above max_backoff \(10.0 s, the default\)"),
+    (lambda d: rh.CheckpointSaverHook(d, save_steps=2, save_on_signals=("SIGTERM",)), TypeError,
+     r"signal numbers such as signal.SIGTERM, got 'SIGTERM'"),
     (lambda d: rh.AsyncCheckpointSaverHook(d, save_steps=2, max_in_flight=1.5), ValueError, r"max_in_flight"),
     (lambda d: rh.MonitoredSession(hooks=[rh.StopAtStepHook]), TypeError,
      r"holds the class StopAtStepHook, not a hook: pass an instance"),
@@ -202,8 +204,8 @@ class _Listener(rh.CheckpointSaverListener):
     (lambda d: rh.MonitoredTrainingSession(state={"w": np.zeros(1)}, checkpoint_dir=d, global_step=-3),
      ValueError, r"global_step= reads -3"),
     (lambda d: rh.launch(lambda ctx: None, "2", backend="local"), ValueError, r"num_workers must be a whole number"),
-    (lambda d: rh.launch(lambda ctx: None, 1, backend="local", report_interval=0), ValueError,
-     r"report_interval must be > 0"),
+    (lambda d: rh.launch(lambda ctx: None, 1, backend="local", report_interval=-1), ValueError,
+     r"report_interval must be >= 0 seconds"),
 ], ids=lambda v: "" if callable(v) or isinstance(v, type) else v[:24])
 def test_values_no_run_could_use_are_refused_when_given_naming_the_argument(tmp_path, make, error, says):
     with pytest.raises(error, match=says):
@@ -226,3 +228,14 @@ def test_a_checkpoint_dir_that_is_a_file_keeps_its_error_type_and_says_what_to_c
 def test_a_numpy_state_a_checkpoint_cannot_hold_names_the_key(arrays, says):
     with pytest.raises(TypeError, match=says):
         rh.NumpySaver(arrays)
+
+
+
+def test_values_tf1_took_are_still_taken():
+    """TF1's timer took save_steps=0 (every step) and whole floats; so does rayhooks, and numpy integers."""
+    assert rh.SecondOrStepTimer(every_steps=0).every_steps == 0
+    assert rh.SecondOrStepTimer(every_steps=100.0).every_steps == 100
+    assert rh.SecondOrStepTimer(every_steps=np.int64(5)).every_steps == 5
+    assert rh.SecondOrStepTimer(every_secs=0).every_secs == 0
+    rh.AsyncCheckpointSaverHook("memory://tf1-values", save_steps=np.int32(3), max_in_flight=np.int64(2))
+    rh.StopAtStepHook(last_step=np.int64(10))

@@ -1058,8 +1058,13 @@ def test_ctrl_c_during_a_local_launch_stops_its_worker_threads(ckpt_dir):
         return _train(ctx, interrupt_at_3)
 
     before = set(threading.enumerate())
-    with pytest.raises(KeyboardInterrupt):
-        rh.launch(train, 2, backend="local", chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=1000)],
-                  hooks=[rh.StopAtStepHook(last_step=200000)])
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rh.launch(train, 2, backend="local",
+                      chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=1000)],
+                      hooks=[rh.StopAtStepHook(last_step=200000)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
     workers = [t for t in set(threading.enumerate()) - before if "-worker-" in t.name]
     assert workers == []  # joined before the KeyboardInterrupt reached the caller

@@ -554,3 +554,18 @@ def test_run_after_close_says_the_session_is_closed():
     sess.close()
     with pytest.raises(RuntimeError, match="Attempted to use a closed Session"):
         sess.run(lambda: None)
+
+
+def test_a_callable_fetchs_own_type_error_goes_out_as_it_is():
+    class Fetches(rh.SessionRunHook):
+        def before_run(self, run_context):
+            return rh.SessionRunArgs(lambda: 1 + "a")
+
+        def after_run(self, run_context, run_values):
+            self.results = run_values.results
+
+    with pytest.raises(TypeError) as error:
+        with rh.MonitoredSession(hooks=[Fetches()], state={"w": np.zeros(1)}) as sess:
+            sess.run(lambda: None)
+    assert "unsupported operand" in str(error.value) and "asked for it" not in str(error.value)
+    assert any(entry.name == "<lambda>" for entry in error.traceback)  # the user's frame is kept

@@ -53,9 +53,11 @@ def test_a_run_taken_over_stops_at_its_next_commit_and_reports_nothing_durable(t
     assert second.global_step == 10
     assert "taking over from run" in caplog.text and "pid %d" % os.getpid() in caplog.text
     with pytest.raises(rh.DirectoryTakenOver, match=r"\[step=15\] not committed: .* has another writer now"):
-        for _ in range(10):
-            first.run(_step, a)  # even under retry_next_save: no later save of this run can commit
+        with first:  # closed on the way out, as a user's `with` block would
+            for _ in range(10):
+                first.run(_step, a)  # even under retry_next_save: no later save of this run can commit
     assert log_a.saved == [0, 5, 10]  # nothing after the takeover was reported durable
+    assert not [n for n in os.listdir(url) if n.startswith("model.ckpt-15")]  # nor written: the new run's names
     for _ in range(5):
         second.run(_step, b)
     second.close()
@@ -123,5 +125,30 @@ def test_a_takeover_between_the_check_and_the_manifest_is_caught_after_it(tmp_pa
         return real_write(self, name, data, *args, **kwargs)
     monkeypatch.setattr(type(hook.store.storage), "write_bytes", write_bytes)
     with pytest.raises(rh.DirectoryTakenOver, match=r"\[step=5\] not committed"):
-        first.run(_step, a)
+        with first:
+            first.run(_step, a)
     assert log.saved == [0]
+    # Its manifest is withdrawn: a later run must not resume from a checkpoint of the run taken over.
+    assert [i.step for i in rh.CheckpointStore(rh.Storage(url)).committed()] == [0]
+
+
+def test_an_older_claim_written_over_a_newer_one_does_not_stop_the_newer_run(tmp_path, caplog):
+    # The race: a run taken over reads its own claim, the new run claims, and the old run's release
+    # then writes its "released" claim over the new one. Claims are numbered, so the newer run
+    # knows the claim it finds is older than its own and claims again.
+    import json
+    url = str(tmp_path)
+    old, new = rh.CheckpointStore(rh.Storage(url)), rh.CheckpointStore(rh.Storage(url))
+    old.claim()
+    new.claim()
+    released = dict(old._claim, released=1.0)
+    old.storage.write_bytes("model.ckpt" + WRITER_SUFFIX, json.dumps(released).encode())
+    with caplog.at_level(logging.WARNING, logger="rayhooks"):
+        new.check_claim(10)  # no DirectoryTakenOver
+    assert "is an older run's" in caplog.text
+    with open(os.path.join(url, "model.ckpt" + WRITER_SUFFIX)) as f:
+        assert json.load(f)["run"] == new._claim["run"]
+    with pytest.raises(rh.DirectoryTakenOver):
+        old._claim = dict(released)
+        del old._claim["released"]
+        old.check_claim(11)
