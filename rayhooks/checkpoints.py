@@ -120,22 +120,31 @@ class CheckpointStore:
 
     # -- the one writer ---------------------------------------------------------
 
-    def claim(self) -> None:
+    def claim(self, token: Optional[str] = None, restarted: bool = False) -> None:
         """Makes this store the directory's writer; a later claim (another run) makes its commits fail.
 
         Call it before reading the latest checkpoint to resume from. Claims are
         numbered: each is one above the claim it found, so a run tells a newer claim
         (it was taken over) from an older one written over its own (a run taken over
         marking its claim released, in a race with the claim that replaced it).
+        `token` names the run across processes (a launch's), and `restarted` says this
+        process replaces one of that run: a restarted chief. It claims again only over a
+        claim of its own run; over another run's it raises `DirectoryTakenOver`.
         """
         name = self.basename + WRITER_SUFFIX
         previous = self._read_claim()
         seq = previous.get("seq", 0) + 1 if previous is not None and isinstance(previous.get("seq", 0), int) else 1
         mine = {"run": uuid.uuid4().hex, "seq": seq, "host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.time()}
+                "since": time.time(), "token": token}
+        if restarted and previous is not None and previous.get("token") != token:
+            raise DirectoryTakenOver(
+                "%s: the restarted chief finds the directory claimed by another run (%s); this run stops. Let "
+                "one run write %s, or give each its own checkpoint_dir" % (self.url, _who(previous), self.url))
         if previous is not None and not previous.get("released"):
             who = _who(previous)
-            if previous.get("host") == mine["host"] and not _pid_alive(previous.get("pid")):
+            if restarted:
+                logger.info("%s: the restarted chief claims it again, from %s", self.url, who)
+            elif previous.get("host") == mine["host"] and not _pid_alive(previous.get("pid")):
                 logger.info("%s: taking over from %s, which ended without releasing it", self.url, who)
             else:
                 logger.warning("%s: taking over from %s, which has not released it: it crashed, or it still "

@@ -84,6 +84,7 @@ class Chief:
         self.preemptions = 0
         self._preempted_run = False
         self.planner = None
+        self._restarted = False  # set by `recover`: the directory's claim is this run's own
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -96,7 +97,8 @@ class Chief:
         if ck is not None:
             ck.store.storage.check_writable()
             ck.store.refuse_foreign()
-            ck.store.claim()  # before the latest is read: workers resume from what it finds
+            # Before the latest is read: workers resume from what it finds.
+            ck.store.claim(token=self.spec.run_token, restarted=self._restarted)
             for listener in ck.listeners:
                 listener.begin()
             info = ck.store.latest()
@@ -526,6 +528,7 @@ class Chief:
         lost while the chief was down is made up by the next reports, and the
         writers report again the shards they reported to the chief before.
         """
+        self._restarted = True
         self.start()
         ck = self.spec.checkpoint
         info = ck.store.latest() if ck is not None else None

@@ -7,6 +7,7 @@ hook runs on the chief as it is. Everything here pickles, to reach Ray actors.
 
 import dataclasses
 import signal
+import uuid
 from typing import List, Optional, Tuple
 
 from rayhooks.basic_hooks import StopAtStepHook
@@ -65,6 +66,8 @@ class RunSpec:
     checkpoint: Optional[CheckpointSpec] = None
     summary: Optional[SummarySpec] = None
     last_step: Optional[int] = None
+    # One per launch call: a chief Ray restarts tells its own claim on the directory from another run's.
+    run_token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def build_spec(chief_hooks: List, all_workers_write: bool = False) -> RunSpec:

@@ -152,3 +152,15 @@ def test_an_older_claim_written_over_a_newer_one_does_not_stop_the_newer_run(tmp
         old._claim = dict(released)
         del old._claim["released"]
         old.check_claim(11)
+
+
+def test_a_restarted_chief_claims_again_only_over_its_own_runs_claim(tmp_path, caplog):
+    url = str(tmp_path)
+    first = rh.CheckpointStore(rh.Storage(url))
+    first.claim(token="launch-a")
+    with caplog.at_level(logging.INFO, logger="rayhooks"):
+        rh.CheckpointStore(rh.Storage(url)).claim(token="launch-a", restarted=True)  # Ray restarted the chief
+    assert "the restarted chief claims it again" in caplog.text and "has not released it" not in caplog.text
+    rh.CheckpointStore(rh.Storage(url)).claim(token="launch-b")  # another run took the directory over
+    with pytest.raises(rh.DirectoryTakenOver, match="restarted chief finds the directory claimed by another run"):
+        rh.CheckpointStore(rh.Storage(url)).claim(token="launch-a", restarted=True)
