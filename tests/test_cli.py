@@ -727,3 +727,15 @@ def test_restore_to_a_place_it_cannot_write_names_the_destination_not_the_source
     assert code == 2
     assert "--to %s" % (blocked / "sub" / "copy") in err and "make and write that directory" in err
     assert run_dir not in err
+
+
+def test_ls_names_the_run_that_writes_the_directory(tmp_path, capsys):
+    url, state = str(tmp_path / "run"), {"w": np.zeros(2)}
+    with rh.MonitoredTrainingSession(checkpoint_dir=url, state=state, save_checkpoint_steps=2,
+                                     save_summaries_steps=None, hooks=[rh.StopAtStepHook(last_step=3)]) as sess:
+        while not sess.should_stop():
+            sess.run(lambda: None)
+        code, out, _ = _run(capsys, "ls", url)
+        assert code == 0 and "writer: run " in out and "pid %d" % os.getpid() in out and "not released" in out
+    code, out, _ = _run(capsys, "ls", url)
+    assert code == 0 and "; released " in out
