@@ -10,7 +10,8 @@ from rayhooks.basic_hooks import (LoggingTensorHook, NanLossDuringTrainingError,
                                   StepCounterHook, StopAtStepHook)
 from rayhooks.checkpoint_hooks import (AsyncCheckpointSaverHook, CheckpointSaverHook, CheckpointSaverListener,
                                        Preempted)
-from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, DirectoryTakenOver, RetentionPolicy
+from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, RetentionPolicy
+from rayhooks.claim import DirectoryTakenOver
 from rayhooks.coordinator import Coordinator
 from rayhooks.handle import SessionHandle
 from rayhooks.monitored_session import MonitoredSession, MonitoredTrainingSession

@@ -1,14 +1,13 @@
 """TF1's small hooks: stop at a step, count steps, log tensors, catch NaN."""
 
 import logging
-import numbers
 
 import numpy as np
 
 from rayhooks.handle import NO_STEP_YET
 from rayhooks.session_run_hook import SessionRunArgs, SessionRunHook
 from rayhooks.summary_writer import SummaryWriterCache, check_summary_writer
-from rayhooks.timer import NEVER_STEP, NeverTriggerTimer, SecondOrStepTimer
+from rayhooks.timer import NEVER_STEP, NeverTriggerTimer, SecondOrStepTimer, is_count
 
 logger = logging.getLogger("rayhooks")
 
@@ -22,7 +21,7 @@ class StopAtStepHook(SessionRunHook):
         if num_steps is not None and last_step is not None:
             raise ValueError("Only one of num_steps or last_step can be specified.")
         for name, value in (("num_steps", num_steps), ("last_step", last_step)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+            if value is not None and not is_count(value):
                 raise ValueError("StopAtStepHook(%s=) must be a whole number of steps >= 0, got %r" % (name, value))
         self._num_steps = num_steps
         self._last_step = last_step

@@ -23,7 +23,8 @@ import threading
 import time
 import weakref
 
-from rayhooks.checkpoints import CheckpointStore, DirectoryTakenOver, RetentionPolicy
+from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
+from rayhooks.claim import DirectoryTakenOver
 from rayhooks.savers import as_saver, final_snapshot
 from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage

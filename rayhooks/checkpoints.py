@@ -2,8 +2,9 @@
 
 The commit protocol (DESIGN I2, "never a torn latest"):
 
+    check the writer claim (`rayhooks.claim`)             # another run took over: stop
     write prefix.data-00000-of-00001 and prefix.index    # any order, retried
-    write prefix.manifest.json                            # the commit point
+    check the claim; write prefix.manifest.json; check   # the commit point (withdrawn if taken over)
     rewrite `checkpoint` (TF's state file)                # names committed ones only
     delete what retention drops: manifest first, then data
 
@@ -21,16 +22,15 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
-import uuid
 from typing import Dict, List, Optional
 
 import google_crc32c
 
 from rayhooks import progress
+from rayhooks.claim import DirectoryTakenOver, WriterClaim
 from rayhooks.formats import bundle, state_file
 from rayhooks.storage import Storage
 
@@ -40,7 +40,6 @@ STATE_FILE = "checkpoint"
 MANIFEST_SUFFIX = ".manifest.json"
 LISTENERS_SUFFIX = ".after_save"
 _TEMPORARY = re.compile(r".*\.tmp-[0-9a-f]{12}")  # a local write's temporary (Storage names them so)
-WRITER_SUFFIX = ".writer.json"  # after the basename: which run writes this directory now
 MANIFEST_FORMAT = "rayhooks.checkpoint/1"
 _CHUNK = 8 << 20
 
@@ -59,16 +58,6 @@ class CheckpointInfo:
     @property
     def nbytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
-
-
-class DirectoryTakenOver(RuntimeError):
-    """Another run claimed the checkpoint directory since this one did: this run must not commit there.
-
-    Two runs saving into one directory would delete each other's checkpoints (each
-    one's retention and clean-up take the other's files for its own). The run that
-    started last wins, as when a job system starts a replacement while the old
-    process still runs; the old one stops at its next commit with this error.
-    """
 
 
 class RetentionPolicy:
@@ -116,89 +105,21 @@ class CheckpointStore:
         self.retention = retention or RetentionPolicy()
         self._clock = clock
         self._pattern = re.compile(re.escape(basename) + r"-(\d+)(\..*)$")
-        self._claim: Optional[dict] = None  # this run's claim on the directory, once `claim` made it
+        self.writer_claim = WriterClaim(storage, basename)
 
-    # -- the one writer ---------------------------------------------------------
+    # -- the one writer (see `rayhooks.claim`) ------------------------------------
 
     def claim(self, token: Optional[str] = None, restarted: bool = False) -> None:
-        """Makes this store the directory's writer; a later claim (another run) makes its commits fail.
-
-        Call it before reading the latest checkpoint to resume from. Claims are
-        numbered: each is one above the claim it found, so a run tells a newer claim
-        (it was taken over) from an older one written over its own (a run taken over
-        marking its claim released, in a race with the claim that replaced it).
-        `token` names the run across processes (a launch's), and `restarted` says this
-        process replaces one of that run: a restarted chief. It claims again only over a
-        claim of its own run; over another run's it raises `DirectoryTakenOver`.
-        """
-        name = self.basename + WRITER_SUFFIX
-        previous = self._read_claim()
-        seq = previous.get("seq", 0) + 1 if previous is not None and isinstance(previous.get("seq", 0), int) else 1
-        mine = {"run": uuid.uuid4().hex, "seq": seq, "host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.time(), "token": token}
-        if restarted and previous is not None and previous.get("token") != token:
-            raise DirectoryTakenOver(
-                "%s: the restarted chief finds the directory claimed by another run (%s); this run stops. Let "
-                "one run write %s, or give each its own checkpoint_dir" % (self.url, _who(previous), self.url))
-        if previous is not None and not previous.get("released"):
-            who = _who(previous)
-            if restarted:
-                logger.info("%s: the restarted chief claims it again, from %s", self.url, who)
-            elif previous.get("host") == mine["host"] and not _pid_alive(previous.get("pid")):
-                logger.info("%s: taking over from %s, which ended without releasing it", self.url, who)
-            else:
-                logger.warning("%s: taking over from %s, which has not released it: it crashed, or it still "
-                               "runs, and then its next commit fails (one run writes a directory at a time)",
-                               self.url, who)
-        self.storage.write_bytes(name, json.dumps(mine).encode())
-        self._claim = mine
+        """Makes this store the directory's writer; see `WriterClaim.take`."""
+        self.writer_claim.take(token, restarted)
 
     def release(self) -> None:
-        """Gives the claim up at the end of a run (best effort: a claim left behind only makes the next run say so)."""
-        mine, self._claim = self._claim, None
-        if mine is None:
-            return
-        try:
-            current = self._read_claim()
-            if current is not None and current.get("run") == mine["run"]:
-                # Marked, not deleted: a run taken over earlier and still going must find a
-                # newer claim here, not none (see `check_claim`).
-                released = dict(mine, released=time.time())
-                self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(released).encode())
-        except Exception as e:  # noqa: BLE001 -- the run is over; the next one takes over all the same
-            logger.info("%s: could not release the writer claim: %s", self.url, e)
-
-    def _read_claim(self) -> Optional[dict]:
-        try:
-            claim = json.loads(self.storage.read_bytes(self.basename + WRITER_SUFFIX))
-        except FileNotFoundError:
-            return None
-        except ValueError:  # a torn write of a crashed claim: no one's
-            return None
-        return claim if isinstance(claim, dict) else None
+        """Gives the directory up at the end of a run; see `WriterClaim.release`."""
+        self.writer_claim.release()
 
     def check_claim(self, step: int) -> None:
         """Raises `DirectoryTakenOver` if another run claimed the directory since this store did."""
-        mine = self._claim
-        if mine is None:
-            return
-        current = self._read_claim()
-        if current is not None and current.get("run") == mine["run"]:
-            return
-        theirs = current.get("seq") if current is not None else None
-        newer = isinstance(theirs, int) and (theirs, str(current.get("run"))) > (mine["seq"], mine["run"])
-        if not newer:
-            # Gone (deleted by hand, a bucket emptied) or older than this run's own claim (an
-            # older run's release written over it): no newer run has claimed the directory.
-            logger.warning("[step=%d] %s: the writer claim %s is %s; claiming the directory again", step,
-                           self.url, self.storage.url_of(self.basename + WRITER_SUFFIX),
-                           "gone" if current is None else "an older run's (%s)" % _who(current))
-            self.storage.write_bytes(self.basename + WRITER_SUFFIX, json.dumps(mine).encode())
-            return
-        raise DirectoryTakenOver(
-            "[step=%d] not committed: %s has another writer now (%s claimed it); two runs saving into one "
-            "directory would delete each other's checkpoints, so this run stops. Let one run write %s, or give "
-            "each its own checkpoint_dir" % (step, self.url, _who(current), self.url))
+        self.writer_claim.check(step)
 
     @property
     def url(self) -> str:
@@ -598,24 +519,3 @@ def _write(data_file, index_file, tensors):
         writer.add(key, value)
     return writer.finish()
 
-
-def _utc(timestamp) -> str:
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(timestamp)))
-    except (TypeError, ValueError):
-        return "an unknown time"
-
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _who(claim: dict) -> str:
-    return "run %s (host %s, pid %s, since %s)" % (claim.get("run"), claim.get("host"), claim.get("pid"),
-                                                   _utc(claim.get("since")))

@@ -266,11 +266,10 @@ def cmd_ls(args) -> int:
                     "ones may belong to a save in flight, and go with `--older-than AGE` once none can be)"
                     % n_partial)
     print(summary)
-    claim = store._read_claim()
+    claim = store.writer_claim.read()
     if claim is not None:
-        from rayhooks.checkpoints import _utc, _who
-        print("writer: %s; %s" % (_who(claim), "released %s" % _utc(claim["released"]) if claim.get("released")
-                                  else "not released: still running, or ended without a clean end"))
+        from rayhooks.claim import describe
+        print("writer: %s" % describe(claim))
     return 0
 
 

@@ -26,6 +26,7 @@ from rayhooks.session_run_hook import check_hooks
 from rayhooks.spec import build_spec
 from rayhooks.summary_hook import SummarySaverHook
 from rayhooks.summary_writer import SummaryWriterCache
+from rayhooks.timer import is_count
 
 ANNOUNCE_LATENCY_SECS = 0.05  # a chief-to-worker actor call, with room for a loaded node
 CHIEF_PROBE_SECS = 2.0  # how often the driver checks, while workers train, that the chief can still answer
@@ -101,7 +102,7 @@ def launch(train_fn, num_workers: int = 1, *, hooks=None, chief_only_hooks=None,
         keeps Ray's setting. The chief actor gets the same value, so that
         busy workers do not starve it. Ignored by the local backend.
     """
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 1:
+    if not is_count(num_workers, 1):
         raise ValueError("num_workers must be a whole number >= 1, got %r" % (num_workers,))
     if isinstance(report_interval, bool) or not isinstance(report_interval, numbers.Real) or not report_interval >= 0:
         raise ValueError("report_interval must be >= 0 seconds (0: a report every step), got %r"

@@ -18,7 +18,6 @@ A step with no planned action does no I/O: the hooks only compare integers.
 
 import inspect
 import logging
-import numbers
 import sys
 
 from rayhooks.basic_hooks import StopAtStepHook
@@ -28,7 +27,7 @@ from rayhooks.handle import FetchKeyError, FetchTypeError, SessionHandle, as_out
 from rayhooks.savers import as_saver
 from rayhooks.session_run_hook import (SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues,
                                        check_hooks)
-from rayhooks.timer import NEVER_STEP
+from rayhooks.timer import NEVER_STEP, is_count
 
 logger = logging.getLogger("rayhooks")
 
@@ -75,7 +74,7 @@ class MonitoredSession:
     def __init__(self, hooks=None, chief_hooks=None, state=None, checkpoint_dir=None, summary_dir=None,
                  global_step=None, steps_per_run=1, scaffold=None, restore_store=None,
                  is_chief=True, worker_index=0, num_workers=1, restore_shard=None):
-        if isinstance(steps_per_run, bool) or not isinstance(steps_per_run, numbers.Integral) or steps_per_run < 1:
+        if not is_count(steps_per_run, 1):
             raise ValueError("steps_per_run must be a whole number >= 1, got %r" % (steps_per_run,))
         self._hooks = check_hooks(chief_hooks, "chief_hooks") + check_hooks(hooks)
         _refuse_two_savers_in_one_directory(self._hooks)

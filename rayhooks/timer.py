@@ -29,6 +29,11 @@ class ManualClock:
         self.now += seconds
 
 
+def is_count(value, minimum: int = 0) -> bool:
+    """Whether `value` is a whole number (numpy's too, not a bool) of at least `minimum`: a step count."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
 class SecondOrStepTimer:
     """Triggers at most once every `every_secs` seconds or `every_steps` steps."""
 
@@ -44,8 +49,7 @@ class SecondOrStepTimer:
         if every_steps is not None and not isinstance(every_steps, bool) and isinstance(every_steps, numbers.Real) \
                 and not isinstance(every_steps, numbers.Integral) and float(every_steps).is_integer():
             every_steps = int(every_steps)
-        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, numbers.Integral)
-                                        or every_steps < 0):
+        if every_steps is not None and not is_count(every_steps):
             raise ValueError("%s must be a whole number of steps >= 0, got %r" % (names[1], every_steps))
         if every_secs is not None and (isinstance(every_secs, bool) or not isinstance(every_secs, numbers.Real)
                                        or not every_secs >= 0):

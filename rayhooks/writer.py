@@ -13,11 +13,11 @@ in the training thread, at the next save or at close, with the URL and step.
 import collections
 import concurrent.futures
 import logging
-import numbers
 import threading
 from typing import Callable, Optional
 
 from rayhooks import progress
+from rayhooks.timer import is_count
 
 logger = logging.getLogger("rayhooks")
 
@@ -26,7 +26,7 @@ class BackgroundWriter:
     """Runs save jobs off the training thread. Starts its thread on first use."""
 
     def __init__(self, what: str, max_in_flight: int = 1, max_in_flight_bytes: Optional[int] = None):
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, numbers.Integral) or max_in_flight < 1:
+        if not is_count(max_in_flight, 1):
             raise ValueError("max_in_flight must be >= 1, got %r" % (max_in_flight,))
         if max_in_flight_bytes is not None and max_in_flight_bytes <= 0:
             raise ValueError("max_in_flight_bytes must be > 0 or None, got %r" % (max_in_flight_bytes,))

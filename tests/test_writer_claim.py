@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import rayhooks as rh
-from rayhooks.checkpoints import WRITER_SUFFIX
+from rayhooks.claim import WRITER_SUFFIX
 
 
 class Log(rh.CheckpointSaverListener):
@@ -141,16 +141,16 @@ def test_an_older_claim_written_over_a_newer_one_does_not_stop_the_newer_run(tmp
     old, new = rh.CheckpointStore(rh.Storage(url)), rh.CheckpointStore(rh.Storage(url))
     old.claim()
     new.claim()
-    released = dict(old._claim, released=1.0)
+    released = dict(old.writer_claim.mine, released=1.0)
     old.storage.write_bytes("model.ckpt" + WRITER_SUFFIX, json.dumps(released).encode())
     with caplog.at_level(logging.WARNING, logger="rayhooks"):
         new.check_claim(10)  # no DirectoryTakenOver
     assert "is an older run's" in caplog.text
     with open(os.path.join(url, "model.ckpt" + WRITER_SUFFIX)) as f:
-        assert json.load(f)["run"] == new._claim["run"]
+        assert json.load(f)["run"] == new.writer_claim.mine["run"]
     with pytest.raises(rh.DirectoryTakenOver):
-        old._claim = dict(released)
-        del old._claim["released"]
+        old.writer_claim.mine = dict(released)
+        del old.writer_claim.mine["released"]
         old.check_claim(11)
 
 
