@@ -43,6 +43,12 @@ class WriterClaim:
         self.storage = storage
         self.name = basename + WRITER_SUFFIX
         self.mine: Optional[dict] = None
+        self.following: Optional[str] = None  # a launch worker's: the token of its chief's claim
+
+    def follow(self, token: str) -> None:
+        """For a writer that does not commit (a launch's worker): its saves check that the claim is still
+        its launch's, so that workers of a run taken over stop writing too."""
+        self.following = token
 
     def take(self, token: Optional[str] = None, restarted: bool = False) -> None:
         """Makes this run the directory's writer; a later claim (another run) makes its saves fail.
@@ -104,6 +110,8 @@ class WriterClaim:
         """Raises `DirectoryTakenOver` if another run claimed the directory since this one did."""
         mine = self.mine
         if mine is None:
+            if self.following is not None:
+                self._check_following(step)
             return
         current = self.read()
         if current is not None and current.get("run") == mine["run"]:
@@ -118,10 +126,20 @@ class WriterClaim:
                            "gone" if current is None else "an older run's (%s)" % _who(current))
             self.storage.write_bytes(self.name, json.dumps(mine).encode())
             return
-        raise DirectoryTakenOver(
-            "[step=%d] not committed: %s has another writer now (%s claimed it); two runs saving into one "
-            "directory would delete each other's checkpoints, so this run stops. Let one run write %s, or give "
-            "each its own checkpoint_dir" % (step, self.storage.url, _who(current), self.storage.url))
+        raise _taken_over(step, self.storage.url, current)
+
+    def _check_following(self, step: int) -> None:
+        current = self.read()
+        # None: nothing to follow yet or any more (its chief released it, or it was deleted by hand).
+        if current is not None and current.get("token") != self.following:
+            raise _taken_over(step, self.storage.url, current)
+
+
+def _taken_over(step, url, claim) -> DirectoryTakenOver:
+    return DirectoryTakenOver(
+        "[step=%d] not committed: %s has another writer now (%s claimed it); two runs saving into one "
+        "directory would delete each other's checkpoints, so this run stops. Let one run write %s, or give "
+        "each its own checkpoint_dir" % (step, url, _who(claim), url))
 
 
 def describe(claim: dict) -> str:

@@ -35,6 +35,7 @@ import threading
 import time
 
 from rayhooks.checkpoints import CheckpointStore
+from rayhooks.claim import DirectoryTakenOver
 from rayhooks.monitored_session import MonitoredSession
 from rayhooks.plan import CHECKPOINT, SUMMARY
 from rayhooks.savers import final_snapshot
@@ -91,6 +92,7 @@ class WorkerAgent(SessionRunHook):
             self._store = CheckpointStore(Storage(storage.url, storage.storage_options, storage.retry,
                                                   on_retry=self._count_retry),
                                           ck.store.basename, ck.store.retention)
+            self._store.writer_claim.follow(spec.run_token)  # its data writes stop once another run took over
 
     def _count_retry(self, url, exc):
         self.retries += 1
@@ -101,6 +103,8 @@ class WorkerAgent(SessionRunHook):
         if failure is None:
             return False
         step, exc = failure
+        if isinstance(exc, DirectoryTakenOver):  # another run writes here now: no later save can commit
+            raise exc
         error = background_error(self._writer.what, step, exc)
         if self.spec.checkpoint.on_write_error == "raise":
             raise error from exc

@@ -1026,6 +1026,9 @@ def test_a_launch_whose_directory_another_run_took_over_stops_at_its_next_commit
     assert "DirectoryTakenOver" in repr(error.value) or isinstance(error.value, rh.DirectoryTakenOver)
     # Nothing saved after the claim is committed; the chief's commits of 0 and 4 may come after it too.
     assert set(i.step for i in _committed(ckpt_dir)) <= {0, 4}
+    # Nor written: the workers check the claim before their data, as the chief before its commit.
+    local = ckpt_dir[len("file://"):]
+    assert not [n for n in os.listdir(local) if n.startswith(("model.ckpt-8.", "model.ckpt-12."))]
 
 
 class _HoldsALock(rh.CheckpointSaverListener):
