@@ -24,7 +24,6 @@ import time
 import weakref
 
 from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
-from rayhooks.claim import DirectoryTakenOver
 from rayhooks.savers import as_saver, final_snapshot
 from rayhooks.session_run_hook import SessionRunHook
 from rayhooks.storage import Storage
@@ -306,8 +305,6 @@ class CheckpointSaverHook(SessionRunHook):
         failure = self._writer.take_error()
         if failure is not None:
             failed_step, exc = failure
-            if isinstance(exc, DirectoryTakenOver):  # another run writes here now: no later save can commit
-                raise exc
             e = background_error(self._writer.what, failed_step, exc)
             if self._on_write_error == "raise":
                 raise e from exc

@@ -35,7 +35,6 @@ import threading
 import time
 
 from rayhooks.checkpoints import CheckpointStore
-from rayhooks.claim import DirectoryTakenOver
 from rayhooks.monitored_session import MonitoredSession
 from rayhooks.plan import CHECKPOINT, SUMMARY
 from rayhooks.savers import final_snapshot
@@ -103,8 +102,6 @@ class WorkerAgent(SessionRunHook):
         if failure is None:
             return False
         step, exc = failure
-        if isinstance(exc, DirectoryTakenOver):  # another run writes here now: no later save can commit
-            raise exc
         error = background_error(self._writer.what, step, exc)
         if self.spec.checkpoint.on_write_error == "raise":
             raise error from exc

@@ -17,6 +17,7 @@ import threading
 from typing import Callable, Optional
 
 from rayhooks import progress
+from rayhooks.claim import DirectoryTakenOver
 from rayhooks.timer import is_count
 
 logger = logging.getLogger("rayhooks")
@@ -123,9 +124,15 @@ class BackgroundWriter:
         return self._error is not None
 
     def take_error(self):
-        """The stored background failure as (step, exception), once; None if there is none."""
+        """The stored background failure as (step, exception), once; None if there is none.
+
+        A `DirectoryTakenOver` is raised instead, whatever the caller's on_write_error: no
+        later save of this run can commit, so there is nothing to train on for.
+        """
         with self._cond:
             failure, self._error = self._error, None
+        if failure is not None and isinstance(failure[1], DirectoryTakenOver):
+            raise failure[1]
         return failure
 
     def raise_if_failed(self) -> None:
