@@ -263,7 +263,8 @@ class NumpySaver:
         return Snapshot(tensors, nbytes, lambda: [self._pool.give(k, v) for k, v in taken.items()])
 
     def restore(self, checkpoint) -> None:
-        values = checkpoint.read_tensors()
+        # Straight into the arrays where they fit (one copy fewer); a misfit reads into new ones, refused below.
+        values = checkpoint.read_tensors(into=self.arrays)
         missing = sorted(set(self.arrays) - set(values))
         if missing:
             raise ValueError("%s has no tensor %s; it was written from a different state"
@@ -281,6 +282,8 @@ class NumpySaver:
                              "and dtypes that saved it" % (checkpoint.url, "; ".join(differ)))
         for key, value in values.items():
             current = self.arrays.get(key)
+            if value is current:
+                continue  # read in place
             if isinstance(current, np.ndarray) and current.flags.writeable and current.dtype != object:
                 current[...] = value  # in place, so references the user holds see the restore
             else:

@@ -247,6 +247,34 @@ def test_corrupt_data_is_reported_with_key(tmp_path):
             read_bundle(index, corrupt(pos))
 
 
+def test_reads_into_arrays_in_place_only_where_every_one_fits(tmp_path):
+    """`into` saves the restore a copy; a misfit anywhere leaves every array as it was (the caller refuses it)."""
+    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(5, dtype=np.int64),
+               "words": np.array([b"x", b"yz"], dtype=object)}
+    prefix = str(tmp_path / "c")
+    _write(prefix, tensors)
+    index = open(index_filename(prefix), "rb").read()
+
+    def read(into):
+        with open(data_filename(prefix), "rb") as data:
+            return read_bundle(index, data, into=into)
+    into = {"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int64), "words": np.array([b"", b""], object)}
+    got = read(into)
+    assert got["a"] is into["a"] and got["b"] is into["b"]       # read in place
+    np.testing.assert_array_equal(into["a"], tensors["a"])
+    np.testing.assert_array_equal(into["b"], tensors["b"])
+    assert list(got["words"]) == [b"x", b"yz"]                    # strings: new objects, as before
+
+    for misfit in (np.zeros(6, np.int64), np.zeros(5, np.int32), np.zeros(10, np.int64)[::2],
+                   np.zeros(5, np.int64).copy().view()):
+        if misfit.base is not None and misfit.flags.c_contiguous:
+            misfit.flags.writeable = False                        # the last one: read-only
+        into = {"a": np.zeros((3, 4), np.float32), "b": misfit}
+        got = read(into)
+        assert got["a"] is not into["a"] and not into["a"].any()  # not even the fitting one was written
+        np.testing.assert_array_equal(got["b"], tensors["b"])
+
+
 def test_corrupt_or_foreign_index_is_rejected(tmp_path):
     prefix = str(tmp_path / "i")
     _write(prefix, {"a": np.zeros(3)})

@@ -478,8 +478,25 @@ def write_bundle(data_file, index_file, tensors: Mapping[str, object]) -> dict:
 
 # ------------------------------------------------------------------ reader --
 
-def _read_exact(f, offset: int, size: int, key: str) -> np.ndarray:
-    buf = np.empty(size, np.uint8)
+def _targets(entries, wanted, into) -> dict:
+    """`into`'s arrays to read in place: all of them where each fits its tensor, else none."""
+    targets = {}
+    for key in wanted:
+        target, e = into.get(key), entries[key]
+        if target is None or e["dt"] == _DT_STRING:  # strings are decoded into new objects anyway
+            continue
+        dtype = _NUMPY_BY_DT.get(e["dt"])
+        if not isinstance(target, np.ndarray) or dtype is None or target.dtype != dtype \
+                or target.shape != tuple(e["shape"]) or not target.flags.c_contiguous \
+                or not target.flags.writeable or e["size"] != target.nbytes:
+            return {}
+        targets[key] = target
+    return targets
+
+
+def _read_exact(f, offset: int, size: int, key: str, buf=None) -> np.ndarray:
+    """`size` bytes at `offset`, into `buf` (uint8, that size) or a new array."""
+    buf = np.empty(size, np.uint8) if buf is None else buf
     f.seek(offset)
     pos = 0
     readinto = getattr(f, "readinto", None)
@@ -520,12 +537,18 @@ def _decode_strings(raw: bytes, count: int, key: str, verify: bool) -> tuple[lis
     return out, crc
 
 
-def read_bundle(index_bytes: bytes, data_file, keys=None, verify=True) -> dict[str, np.ndarray]:
+def read_bundle(index_bytes: bytes, data_file, keys=None, verify=True, into=None) -> dict[str, np.ndarray]:
     """Reads tensors (all, or those named in ``keys``) from a single-shard bundle.
 
     Strings come back as object arrays of bytes; scalars as 0-d arrays.  With
     ``verify`` the stored CRC-32C of every tensor (and of every index block) is
     checked, raising ValueError naming the key on mismatch.
+
+    ``into`` maps names to arrays to read into in place, saving a copy: where
+    every one of them is a writeable C-contiguous numeric array of the tensor's
+    dtype and shape (string tensors aside), each tensor is read straight into its array (and that
+    array is returned for it); otherwise nothing is read in place. An error
+    part way then leaves those arrays partly overwritten.
     """
     header, entries = _parse_index(index_bytes, verify)
     if header.get("num_shards", 1) != 1 or header.get("endianness", 0) != 0:
@@ -537,6 +560,7 @@ def read_bundle(index_bytes: bytes, data_file, keys=None, verify=True) -> dict[s
         missing = [k for k in wanted if k not in entries]
         if missing:
             raise KeyError(f"tensors not in bundle: {missing}")
+    targets = _targets(entries, wanted, into) if into else {}
     result: dict[str, np.ndarray] = {}
     # Reading in file order keeps access sequential for buffered or remote files.
     for key in sorted(wanted, key=lambda k: entries[k]["offset"]):
@@ -563,9 +587,11 @@ def read_bundle(index_bytes: bytes, data_file, keys=None, verify=True) -> dict[s
             if size != count * dtype.itemsize:
                 raise ValueError(f"tensor {key!r}: entry size {size} does not match "
                                  f"shape {shape} of {dtype}")
-            buf = _read_exact(data_file, e["offset"], size, key)
+            target = targets.get(key)
+            buf = _read_exact(data_file, e["offset"], size, key,
+                              None if target is None else target.reshape(-1).view(np.uint8))
             crc = google_crc32c.value(buf) if verify else 0
-            arr = buf.view(dtype).reshape(shape)
+            arr = buf.view(dtype).reshape(shape) if target is None else target
         if verify and crc != e["crc32c"]:
             raise ValueError(f"tensor {key!r}: checksum mismatch (stored "
                              f"{e['crc32c']:08x}, computed {crc:08x})")
