@@ -13,6 +13,7 @@ from rayhooks.checkpoint_hooks import (AsyncCheckpointSaverHook, CheckpointSaver
 from rayhooks.checkpoints import CheckpointInfo, CheckpointStore, RetentionPolicy
 from rayhooks.claim import DirectoryTakenOver
 from rayhooks.coordinator import Coordinator
+from rayhooks.follow import CommittedCheckpoint, checkpoints_iterator
 from rayhooks.handle import SessionHandle
 from rayhooks.monitored_session import MonitoredSession, MonitoredTrainingSession
 from rayhooks.savers import NumpySaver, Snapshot, TrackableSaver
@@ -28,12 +29,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCheckpointSaverHook", "CheckpointInfo", "CheckpointSaverHook", "CheckpointSaverListener",
-    "CheckpointStore", "Coordinator", "DirectoryTakenOver", "GLOBAL_STEP", "LoggingTensorHook", "ManualClock",
+    "CheckpointStore", "CommittedCheckpoint", "Coordinator", "DirectoryTakenOver", "GLOBAL_STEP", "LoggingTensorHook", "ManualClock",
     "MonitoredSession", "MonitoredTrainingSession", "NanLossDuringTrainingError", "NanTensorHook",
     "NeverTriggerTimer", "NumpySaver", "Preempted", "RetentionPolicy", "RetryPolicy", "Scaffold",
     "SecondOrStepTimer", "SessionHandle", "SessionRunArgs", "SessionRunContext", "SessionRunHook",
     "SessionRunValues", "Snapshot", "StepCounterHook", "StopAtStepHook", "Storage", "SummarySaverHook",
-    "SummaryWriter", "SummaryWriterCache", "TrackableSaver",
+    "SummaryWriter", "SummaryWriterCache", "TrackableSaver", "checkpoints_iterator",
 ]
 
 from rayhooks.launch import LaunchResult, launch  # noqa: E402  (after the hooks it builds on)

@@ -114,9 +114,9 @@ class CheckpointStore:
         """Makes this store the directory's writer; see `WriterClaim.take`."""
         self.writer_claim.take(token, restarted)
 
-    def release(self) -> None:
+    def release(self, ended: str = "finished") -> None:
         """Gives the directory up at the end of a run; see `WriterClaim.release`."""
-        self.writer_claim.release()
+        self.writer_claim.release(ended)
 
     def check_claim(self, step: int) -> None:
         """Raises `DirectoryTakenOver` if another run claimed the directory since this store did."""
@@ -265,31 +265,36 @@ class CheckpointStore:
 
     def committed(self) -> List[CheckpointInfo]:
         """Committed checkpoints, oldest first. Unreadable manifests are skipped with a warning."""
-        out = []
-        for name in self.storage.listdir():
-            if not name.endswith(MANIFEST_SUFFIX):
-                continue
-            m = self._pattern.fullmatch(name)
-            if not m:
-                continue
-            try:
-                manifest = json.loads(self.storage.read_bytes(name))
-                if manifest.get("format") != MANIFEST_FORMAT:
-                    raise ValueError("format %r" % manifest.get("format"))
-                _check_files(manifest["files"])
-                out.append(CheckpointInfo(int(manifest["step"]), manifest["prefix"],
-                                          self.storage.url_of(manifest["prefix"]),
-                                          dict(manifest["files"]), float(manifest["timestamp"]),
-                                          bool(manifest.get("preserved", False))))
-            except FileNotFoundError:
-                continue  # deleted by retention between list and read
-            except (ValueError, KeyError, TypeError) as e:
-                logger.warning("ignoring malformed manifest %s: %s", self.storage.url_of(name), e)
-        return sorted(out, key=lambda i: i.step)
+        infos = (self._read_manifest(name) for name in self._manifest_names())
+        return sorted((info for info in infos if info is not None), key=lambda i: i.step)
 
     def latest(self) -> Optional[CheckpointInfo]:
-        infos = self.committed()
-        return infos[-1] if infos else None
+        """The committed checkpoint of the highest step, reading manifests from the newest until one parses."""
+        names = self._manifest_names()
+        for name in sorted(names, key=lambda n: int(self._pattern.fullmatch(n).group(1)), reverse=True):
+            info = self._read_manifest(name)
+            if info is not None:
+                return info
+        return None
+
+    def _manifest_names(self) -> List[str]:
+        return [name for name in self.storage.listdir()
+                if name.endswith(MANIFEST_SUFFIX) and self._pattern.fullmatch(name)]
+
+    def _read_manifest(self, name) -> Optional[CheckpointInfo]:
+        try:
+            manifest = json.loads(self.storage.read_bytes(name))
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError("format %r" % manifest.get("format"))
+            _check_files(manifest["files"])
+            return CheckpointInfo(int(manifest["step"]), manifest["prefix"], self.storage.url_of(manifest["prefix"]),
+                                  dict(manifest["files"]), float(manifest["timestamp"]),
+                                  bool(manifest.get("preserved", False)))
+        except FileNotFoundError:
+            return None  # deleted by retention between list and read
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("ignoring malformed manifest %s: %s", self.storage.url_of(name), e)
+            return None
 
     def get(self, step: int) -> Optional[CheckpointInfo]:
         for info in self.committed():

@@ -83,6 +83,7 @@ class Chief:
         self._rate_scan_at = 0.0
         self.preemptions = 0
         self._preempted_run = False
+        self._last_pass_preempted = False
         self.planner = None
         self._restarted = False  # set by `recover`: the directory's claim is this run's own
 
@@ -333,7 +334,9 @@ class Chief:
         """True when this pass stopped early for a preemption: the driver restarts the workers."""
         preempted, self._preempted_run = self._preempted_run, False
         last = self.spec.last_step
-        return preempted and (last is None or max(self._ended.values(), default=0) < last)
+        # Without a restart left, the run then ends preempted (its claim says so, at `finish`).
+        self._last_pass_preempted = preempted and (last is None or max(self._ended.values(), default=0) < last)
+        return self._last_pass_preempted
 
     def _margin(self) -> int:
         # The fastest worker's rate, refreshed when a report raises it (cheap) or once per
@@ -665,8 +668,10 @@ class Chief:
                     listener.end(self.session, last_step)
             for hook in self.spec.hooks:
                 hook.end(self.session)
-        if self.spec.checkpoint is not None:
-            self.spec.checkpoint.store.release()  # failed or not, the run is over
+        if self.spec.checkpoint is not None:  # failed or not, the run is over
+            ended = "failed" if self.errors or self._failure is not None else \
+                "preempted" if self._last_pass_preempted else "finished"
+            self.spec.checkpoint.store.release(ended)
         if self.spec.summary is not None:
             self._summary_writer.flush()
         if self.spec.checkpoint is not None:

@@ -82,8 +82,12 @@ class WriterClaim:
         self.storage.write_bytes(self.name, json.dumps(mine).encode())
         self.mine = mine
 
-    def release(self) -> None:
-        """Gives the claim up at the end of a run (best effort: a claim left behind only makes the next run say so)."""
+    def release(self, ended: str = "finished") -> None:
+        """Gives the claim up at the end of a run (best effort: a claim left behind only makes the next run say so).
+
+        `ended` says how the run ended: "finished", "failed" or "preempted"; a
+        sidecar evaluator (`rh.checkpoints_iterator`) stops only after a finished one.
+        """
         mine, self.mine = self.mine, None
         if mine is None:
             return
@@ -92,7 +96,7 @@ class WriterClaim:
             if current is not None and current.get("run") == mine["run"]:
                 # Marked, not deleted: a run taken over earlier and still going must find a
                 # newer claim here, not none (see `check`).
-                released = dict(mine, released=time.time())
+                released = dict(mine, released=time.time(), ended=ended)
                 self.storage.write_bytes(self.name, json.dumps(released).encode())
         except Exception as e:  # noqa: BLE001 -- the run is over; the next one takes over all the same
             logger.info("%s: could not release the writer claim: %s", self.storage.url, e)
@@ -144,8 +148,10 @@ def _taken_over(step, url, claim) -> DirectoryTakenOver:
 
 def describe(claim: dict) -> str:
     """One line on a claim, for people: whose it is and whether it was released."""
-    return "%s; %s" % (_who(claim), "released %s" % _utc(claim["released"]) if claim.get("released")
-                       else "not released: still running, or ended without a clean end")
+    if not claim.get("released"):
+        return "%s; not released: still running, or ended without a clean end" % _who(claim)
+    ended = claim.get("ended")
+    return "%s; released %s%s" % (_who(claim), _utc(claim["released"]), " (%s)" % ended if ended else "")
 
 
 def _utc(timestamp) -> str:

@@ -262,7 +262,7 @@ class MonitoredSession:
                 if store is not None and hasattr(store, "release") and not (writer is not None and writer.busy()):
                     # The run is over: the next one takes the directory without a warning. (Not
                     # while a save still commits: the claim keeps fencing it.)
-                    store.release()
+                    store.release("failed")
         else:
             self._check_step_count()
             for hook in self._hooks:

@@ -99,7 +99,9 @@ def test_a_signalled_run_raises_preempted_once_closed_and_an_unsignalled_one_doe
     assert error.value.checkpoint == str(tmp_path / "a") + "/model.ckpt-4"
     assert recorder.calls[-1] == ("end", 4)             # after the end hooks
     assert _committed(str(tmp_path / "a")) == [0, 4]
+    assert rh.CheckpointStore(rh.Storage(str(tmp_path / "a"))).writer_claim.read()["ended"] == "preempted"
     assert _train([rh.CheckpointSaverHook(str(tmp_path / "b"), save_steps=100)], last_step=5) == 5
+    assert rh.CheckpointStore(rh.Storage(str(tmp_path / "b"))).writer_claim.read()["ended"] == "finished"
 
 
 def test_async_emergency_save_is_not_made_again_at_end(tmp_path):

@@ -475,6 +475,8 @@ def test_worker_exception_raises_its_traceback_and_keeps_committed_checkpoints(b
                       chief_only_hooks=[rh.CheckpointSaverHook(ckpt_dir, save_steps=2)],
                       hooks=[rh.StopAtStepHook(last_step=4)])
     assert first.checkpoints == [0, 2, 4]
+    claim = rh.CheckpointStore(rh.Storage(ckpt_dir)).writer_claim
+    assert claim.read()["ended"] == "finished"  # what a sidecar evaluator stops on
     with pytest.raises(Exception) as failure:
         # Keep every checkpoint: how far worker 0 runs ahead before the failure reaches it
         # varies, and retention must not be mistaken for loss.
@@ -490,6 +492,7 @@ def test_worker_exception_raises_its_traceback_and_keeps_committed_checkpoints(b
     assert isinstance(failure.value, rh.WorkerError) and isinstance(failure.value.__cause__, ValueError)
     assert failure.value.worker_index == 1 and isinstance(failure.value, RuntimeError)
     assert str(failure.value.__cause__) == "worker 1 broke at step %d" % FAIL_AT
+    assert claim.read()["ended"] == "failed"
     store = rh.CheckpointStore(rh.Storage(ckpt_dir))
     infos = store.committed()
     assert {0, 2, 4} <= {i.step for i in infos}

@@ -227,7 +227,7 @@ def _report(result):
 def test_readme_has_python_blocks():
     sections = {section for _, _, section, _ in PYTHON}
     for section in ("Using it", "On Ray: a chief and N workers", RECIPES, "Evaluate each checkpoint",
-                    "Export a SavedModel for each checkpoint", "Stop early", "Cloud storage", "Fault tolerance"):
+                    "Evaluate on another machine", "Export a SavedModel for each checkpoint", "Stop early", "Cloud storage", "Fault tolerance"):
         assert section in sections, "README.md has no python block under %r" % section
 
 
@@ -287,6 +287,20 @@ def test_summaries_the_readme_promises(results, capsys):
     evaluate = results[next(j["id"] for j in _jobs() if j["id"].endswith("evaluate-each-checkpoint"))]
     assert evaluate["error"] is None
     found = _summaries(capsys, os.path.join(evaluate["cwd"], "runs", "evaluate"))
+    assert found.get(("eval", "accuracy")) == 200, sorted(found.items())
+
+
+def test_sidecar_evaluator_ends_after_the_runs_last_checkpoint(results, capsys):
+    """The sidecar recipe: it evaluated committed checkpoints in order, ended by itself after step 200 (the
+    run's last), and wrote eval/accuracy there."""
+    job = next(j for j in _jobs() if j["id"].endswith("evaluate-on-another-machine"))
+    result = results[job["id"]]
+    assert result["error"] is None, _report(result)
+    steps = [int(line.split()[1].rstrip(":")) for line in result["stdout"].splitlines()
+             if line.startswith("checkpoint ")]
+    assert steps and steps == sorted(set(steps)) and steps[-1] == 200, result["stdout"]
+    assert set(steps) <= {0, 50, 100, 150, 200}, result["stdout"]
+    found = _summaries(capsys, os.path.join(result["cwd"], "runs", "sidecar"))
     assert found.get(("eval", "accuracy")) == 200, sorted(found.items())
 
 

@@ -264,6 +264,8 @@ def test_ray_worker_sigterm_with_no_restart_left_raises_preempted_after_the_emer
     preempted = error.value
     assert preempted.code == 143 and preempted.step == steps[1] == preempted.result.last_step
     assert preempted.checkpoint == rh.CheckpointStore(rh.Storage(ckpt)).latest().url
+    # ... and its claim says so: a sidecar evaluator waits for the restart instead of stopping.
+    assert rh.CheckpointStore(rh.Storage(ckpt)).writer_claim.read()["ended"] == "preempted"
     assert "launch" not in str(preempted) and "run the same command again" in str(preempted)
 
 
