@@ -357,12 +357,15 @@ class CheckpointStore:
 
     # -- verification and restore ---------------------------------------------
 
-    def verify(self, info: CheckpointInfo, on_bytes=None) -> List[str]:
-        """Returns the problems found in `info`'s files (empty when every checksum matches)."""
+    def verify(self, info: CheckpointInfo, on_bytes=None, copy_to: Optional[Dict[str, str]] = None) -> List[str]:
+        """Returns the problems found in `info`'s files (empty when every checksum matches).
+
+        `copy_to` maps file names to local paths: those files are downloaded as they are checked.
+        """
         problems = []
         for name, meta in sorted(info.files.items()):
             try:
-                crc, size = self._checksum(name, on_bytes)
+                crc, size = self.storage.crc32c(name, on_bytes, (copy_to or {}).get(name))
             except FileNotFoundError:
                 problems.append("%s is missing" % self.storage.url_of(name))
                 continue
@@ -370,28 +373,6 @@ class CheckpointStore:
                 problems.append("%s: expected %d bytes crc32c %08x, found %d bytes crc32c %08x"
                                 % (self.storage.url_of(name), meta["bytes"], meta["crc32c"], size, crc))
         return problems
-
-    def _checksum(self, name, on_bytes=None):
-        crc, size = 0, 0
-        # Into one reused buffer: a new 8 MB bytes object per chunk costs more than the checksum
-        # (its pages are fresh each time); 2.5x faster for a file in the page cache.
-        buf = np.empty(_CHUNK, np.uint8)
-        with self.storage.open_read(name) as f:
-            readinto = getattr(f, "readinto", None)
-            while True:
-                if readinto is not None:
-                    n = readinto(buf)
-                    chunk = buf[:n]
-                else:
-                    chunk = f.read(_CHUNK)
-                    n = len(chunk)
-                if not n:
-                    break
-                crc = google_crc32c.extend(crc, chunk)
-                size += n
-                if on_bytes is not None:
-                    on_bytes(n)
-        return crc, size
 
     def reader(self, info: CheckpointInfo, worker: Optional[int] = None, on_bytes=None) -> "CheckpointReader":
         """Reads `info`; with `worker`, that worker's own shard where the checkpoint has one."""
@@ -414,7 +395,8 @@ class CheckpointStore:
         infos = self.committed()
         for info in reversed(infos):
             bar = progress.byte_bar("restoring step %d from %s" % (info.step, self.url),
-                                    info.nbytes * (2 if verify else 1), file=progress_file)
+                                    info.nbytes * (2 if verify and self.storage.is_local else 1),
+                                    file=progress_file)
             try:
                 problems = self._verify_while_restoring(info, saver, worker, bar.update, verify)
             finally:
@@ -435,15 +417,19 @@ class CheckpointStore:
         return None
 
     def _verify_while_restoring(self, info, saver, worker, on_bytes, verify) -> List[str]:
-        """Restores `info` while its checksums are checked on another thread; returns the problems.
+        """Restores `info` with its checksums checked; returns the problems.
 
-        TF's restore runs in C++ without the GIL, so the check costs little
-        extra time. A checkpoint that fails the check has been restored
-        anyway: the caller then restores an older one over it.
+        In a local directory the check runs on another thread while TF
+        restores (in C++, without the GIL), so it costs little extra time; a
+        checkpoint that fails it has been restored anyway, and the caller then
+        restores an older one over it. From a remote store see
+        `_restore_checked_download`.
         """
         if not verify:
             saver.restore(self.reader(info, worker, on_bytes))
             return []
+        if not self.storage.is_local:
+            return self._restore_checked_download(info, saver, worker, on_bytes)
         found, failed = [], []
 
         def check():
@@ -466,15 +452,40 @@ class CheckpointStore:
             raise failed[0]
         return found
 
+    def _restore_checked_download(self, info, saver, worker, on_bytes) -> List[str]:
+        """From a remote store: reads every file once, downloading the ones the restore reads as they are
+        checked, and restores from that local copy only when all match (a damaged checkpoint is not loaded).
+
+        Checking while restoring, as for a local directory, would fetch those files twice.
+        """
+        shard = self.reader(info, worker).prefix
+        staged = tempfile.TemporaryDirectory(prefix="rayhooks-restore-")
+        try:
+            problems = self.verify(info, on_bytes, copy_to={
+                name: os.path.join(staged.name, name)
+                for name in (bundle.index_filename(shard), bundle.data_filename(shard))})
+            if not problems:
+                # The reader's local copy keeps the directory for as long as a saver holds it (TF
+                # restores some variables only when they are created); else it goes with `staged`.
+                saver.restore(CheckpointReader(Storage(staged.name), info, shard, keep=staged))
+        except BaseException:
+            staged.cleanup()
+            raise
+        if problems:
+            staged.cleanup()
+        return problems
+
 
 class CheckpointReader:
     """Read access to one committed checkpoint, handed to `saver.restore`."""
 
-    def __init__(self, storage: Storage, info: CheckpointInfo, prefix: Optional[str] = None, on_bytes=None):
+    def __init__(self, storage: Storage, info: CheckpointInfo, prefix: Optional[str] = None, on_bytes=None,
+                 keep=None):
         self.storage = storage
         self.info = info
         self.prefix = prefix or info.prefix
         self.on_bytes = on_bytes  # hears of the bytes read or downloaded, for a progress bar
+        self._keep = keep  # what the files' directory lives as long as (a downloaded copy's TemporaryDirectory)
 
     @property
     def url(self) -> str:
@@ -496,7 +507,7 @@ class CheckpointReader:
         """A local prefix TF can read, kept until the returned object is garbage collected."""
         names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
         if self.storage.is_local:
-            return LocalCopy("%s/%s" % (self.storage.local_root, self.prefix), None)
+            return LocalCopy("%s/%s" % (self.storage.local_root, self.prefix), self._keep)
         tmp = tempfile.TemporaryDirectory(prefix="rayhooks-restore-")
         for name in names:
             self.storage.get_to_local(name, os.path.join(tmp.name, name), self.on_bytes)

@@ -29,6 +29,8 @@ import fsspec.callbacks
 
 from rayhooks import direct_io
 
+_READ_CHUNK = 8 << 20
+
 logger = logging.getLogger("rayhooks")
 
 # Parts of a streamed upload to an object store. gcsfs and s3fs default to 5 MB, one
@@ -403,6 +405,41 @@ class Storage:
                 self.abort_upload(name, upload_id)
                 aborted.append(name)
         return aborted
+
+    def crc32c(self, name: str, on_bytes=None, copy_to: Optional[str] = None) -> tuple:
+        """(crc32c, size) of `name`, read once; with `copy_to`, also written to that local path.
+
+        Retried as a whole: a download cut short starts over, checksum and copy both.
+        """
+        return self.call("download" if copy_to else "read", name, self._crc32c_once, name, on_bytes, copy_to)
+
+    def _crc32c_once(self, name, on_bytes, copy_to):
+        import google_crc32c
+        import numpy as np
+        crc, size = 0, 0
+        # Into one reused buffer: a new 8 MB bytes object per chunk costs more than the checksum
+        # (its pages are fresh each time); 2.5x faster for a file in the page cache.
+        buf = np.empty(_READ_CHUNK, np.uint8)
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(self.fs.open(self._path(name), "rb"))
+            out = stack.enter_context(open(copy_to, "wb")) if copy_to else None
+            readinto = getattr(f, "readinto", None)
+            while True:
+                if readinto is not None:
+                    n = readinto(buf)
+                    chunk = buf[:n]
+                else:
+                    chunk = f.read(_READ_CHUNK)
+                    n = len(chunk)
+                if not n:
+                    break
+                crc = google_crc32c.extend(crc, chunk)
+                if out is not None:
+                    out.write(chunk)
+                size += n
+                if on_bytes is not None:
+                    on_bytes(n)
+        return crc, size
 
     def get_to_local(self, name: str, local_path: str, on_bytes=None) -> None:
         """Downloads `name`; `on_bytes(n)` hears of the bytes as they arrive."""

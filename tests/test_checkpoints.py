@@ -261,13 +261,14 @@ def test_restore_latest_falls_back_to_the_previous_checkpoint(storage_url, caplo
 
 
 def test_a_checksum_check_that_cannot_run_is_not_taken_for_a_pass(storage_url):
-    """The check reads every file on its own thread while the restore runs. A read there that
-    fails for good (a store gone between the restore's reads and the check's) is caused by
-    replacing `verify`: no real fault fails the check's reads and not the restore's."""
+    """The check reads every file (on its own thread while a local restore runs; from a remote store,
+    as it downloads them). A read there that fails for good (a store gone between the restore's reads
+    and the check's) is caused by replacing `verify`: no real fault fails the check's reads and not
+    the restore's."""
     store = _store(storage_url)
     _save(store, 1)
 
-    def unreachable(info, on_bytes=None):
+    def unreachable(info, on_bytes=None, copy_to=None):
         raise OSError("read %s/model.ckpt-1.index failed after 5 attempt(s): connection refused" % storage_url)
 
     store.verify = unreachable
