@@ -27,9 +27,6 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-import google_crc32c
-import numpy as np
-
 from rayhooks import progress
 from rayhooks.claim import DirectoryTakenOver, WriterClaim
 from rayhooks.formats import bundle, state_file
@@ -42,7 +39,6 @@ MANIFEST_SUFFIX = ".manifest.json"
 LISTENERS_SUFFIX = ".after_save"
 _TEMPORARY = re.compile(r".*\.tmp-[0-9a-f]{12}")  # a local write's temporary (Storage names them so)
 MANIFEST_FORMAT = "rayhooks.checkpoint/1"
-_CHUNK = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,6 @@ import uuid
 from typing import Dict, List, Optional, Tuple
 
 PROG = "rayhooks"
-_CHUNK = 8 << 20
 
 
 class UsageError(Exception):
@@ -471,7 +470,6 @@ def _download(args, store, info, dest) -> List[str]:
 
     Files land under their names only when all of them check out.
     """
-    import google_crc32c
     from rayhooks.checkpoints import MANIFEST_SUFFIX
     names = [_safe_name(store.url, n) for n in sorted(info.files)]
     _safe_name(store.url, info.prefix + MANIFEST_SUFFIX)
@@ -482,24 +480,13 @@ def _download(args, store, info, dest) -> List[str]:
             meta = info.files[name]
             tmp = os.path.join(dest, "%s.tmp-%s" % (name, tag))
             staged.append((tmp, os.path.join(dest, name)))
-            crc, size = google_crc32c.Checksum(), 0
             with _progress(args, total=meta["bytes"], desc=name, unit="B", unit_scale=True,
                            unit_divisor=1024, leave=False) as bar:
                 try:
-                    src = store.storage.open_read(name)
+                    found, size = store.storage.crc32c(name, bar.update, copy_to=tmp)
                 except FileNotFoundError:
                     problems.append("%s is missing" % store.storage.url_of(name))
                     continue
-                with src, open(tmp, "wb") as out:
-                    while True:
-                        chunk = src.read(_CHUNK)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        crc.update(chunk)
-                        size += len(chunk)
-                        bar.update(len(chunk))
-            found = int.from_bytes(crc.digest(), "big")
             if size != meta["bytes"] or found != meta["crc32c"]:
                 problems.append("%s: expected %d bytes crc32c %08x, found %d bytes crc32c %08x"
                                 % (store.storage.url_of(name), meta["bytes"], meta["crc32c"], size, found))
