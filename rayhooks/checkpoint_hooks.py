@@ -407,8 +407,8 @@ class CheckpointSaverHook(SessionRunHook):
             self._flush_summaries(last_step)
             for listener in self._listeners:
                 listener.end(session, last_step)
-            # A signal seen at all counts: the session raises Preempted unless the last step was reached.
-            self.store.release("preempted" if self._preempted or self.preempted_by else "finished")
+            # The session releases the directory once every hook has ended: only then is it
+            # known whether the run finished, failed or was preempted.
         finally:
             self._end_signal_handling(session)
 

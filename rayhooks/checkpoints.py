@@ -39,6 +39,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 LISTENERS_SUFFIX = ".after_save"
 _TEMPORARY = re.compile(r".*\.tmp-[0-9a-f]{12}")  # a local write's temporary (Storage names them so)
 MANIFEST_FORMAT = "rayhooks.checkpoint/1"
+_SHARD = re.compile(r".*\.worker(\d+)\.index")  # a launch worker's own shard (all_workers_write)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +274,26 @@ class CheckpointStore:
                 return info
         return None
 
+    def newest(self, infos: List[CheckpointInfo]) -> Optional[CheckpointInfo]:
+        """Of `infos` (committed checkpoints), the newest, as far as the manifests and TF's state file tell.
+
+        The highest step, as a session tries it first, except where the state file names a
+        checkpoint committed later than every higher one: a run resumed below a damaged
+        checkpoint commits lower steps, and names them there. Clock-free where it matters:
+        machines' clocks are compared only when the state file lags (its write failed).
+        """
+        if not infos:
+            return None
+        state = self._read_state()
+        named = None
+        if state is not None and state.model_checkpoint_path:
+            prefix = state.model_checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
+            named = next((i for i in infos if i.prefix == prefix), None)
+        if named is None:
+            return max(infos, key=lambda i: i.step)
+        later = [i for i in infos if i.step > named.step and i.timestamp >= named.timestamp]
+        return max(later, key=lambda i: i.step) if later else named
+
     def _manifest_names(self) -> List[str]:
         return [name for name in self.storage.listdir()
                 if name.endswith(MANIFEST_SUFFIX) and self._pattern.fullmatch(name)]
@@ -371,12 +392,22 @@ class CheckpointStore:
         return problems
 
     def reader(self, info: CheckpointInfo, worker: Optional[int] = None, on_bytes=None) -> "CheckpointReader":
-        """Reads `info`; with `worker`, that worker's own shard where the checkpoint has one."""
+        """Reads `info`; with `worker`, that worker's own shard where the checkpoint has one.
+
+        A checkpoint with no worker shards (only worker 0 wrote) reads the same for
+        every worker; one with shards but not this worker's is refused.
+        """
         prefix = info.prefix
         if worker:
             shard = "%s.worker%d" % (info.prefix, worker)
             if bundle.index_filename(shard) in info.files:
                 prefix = shard
+            else:
+                found = sorted({int(m.group(1)) for m in map(_SHARD.fullmatch, info.files) if m})
+                if found:
+                    raise ValueError("[step=%d] %s has no shard of worker %d: its workers %s each wrote their "
+                                     "own (all_workers_write=True); restore it as one of those workers, or as "
+                                     "worker 0" % (info.step, info.url, worker, ", ".join(map(str, [0] + found))))
         return CheckpointReader(self.storage, info, prefix, on_bytes)
 
     def restore_latest(self, saver, verify: bool = True, worker: Optional[int] = None,

@@ -188,7 +188,7 @@ def _pick(store, args, infos):
         raise UsageError("%s has no committed checkpoints (no %s-*.manifest.json); run `rayhooks ls %s` "
                          "to see its partial files" % (args.url, args.basename, args.url))
     if args.step is None:
-        return _latest(store, infos)
+        return store.newest(infos)
     for info in infos:
         if info.step == args.step:
             return info
@@ -196,27 +196,6 @@ def _pick(store, args, infos):
     raise UsageError("%s has no committed checkpoint at step %d%s; committed steps: %s"
                      % (args.url, args.step, " (only partial, uncommitted files)" if partial else "",
                         ", ".join(str(i.step) for i in infos)))
-
-
-def _latest(store, infos):
-    """The checkpoint a session resumes from, as far as the manifests and TF's state file tell.
-
-    The highest step, as a session tries it first, except where the state file names a
-    checkpoint committed later than every higher one: a run resumed below a damaged
-    checkpoint commits lower steps, and names them there. Clock-free where it matters:
-    machines' clocks are compared only when the state file lags (its write failed).
-    """
-    if not infos:
-        return None
-    state = store._read_state()
-    named = None
-    if state is not None and state.model_checkpoint_path:
-        prefix = state.model_checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
-        named = next((i for i in infos if i.prefix == prefix), None)
-    if named is None:
-        return max(infos, key=lambda i: i.step)
-    later = [i for i in infos if i.step > named.step and i.timestamp >= named.timestamp]
-    return max(later, key=lambda i: i.step) if later else named
 
 
 # -- ls ----------------------------------------------------------------------
@@ -228,7 +207,7 @@ def cmd_ls(args) -> int:
     partial_steps: Dict[Optional[int], List[str]] = {}
     for name in store.partials():
         partial_steps.setdefault(_step_of(store, name), []).append(name)
-    newest = _latest(store, infos)
+    newest = store.newest(infos)
     latest = newest.step if newest else None
 
     rows = []  # (sort key, cells)
@@ -435,7 +414,7 @@ def cmd_restore(args) -> int:
     if args.step is not None:
         candidates = [info]
     else:
-        first = _latest(store, infos)
+        first = store.newest(infos)
         # Then older steps, newest first; steps the state file passed over (a damaged one's) last.
         candidates = [first] + sorted((i for i in infos if i is not first),
                                       key=lambda i: (i.step < first.step, i.step), reverse=True)

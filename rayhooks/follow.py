@@ -15,6 +15,7 @@ from typing import Callable, Optional
 from rayhooks.checkpoints import MANIFEST_SUFFIX, CheckpointInfo, CheckpointStore
 from rayhooks.claim import WriterClaim
 from rayhooks.storage import RetryPolicy, Storage
+from rayhooks.timer import is_count
 
 logger = logging.getLogger("rayhooks")
 
@@ -51,15 +52,21 @@ class CommittedCheckpoint:
 
         `into` is a `tf.train.Checkpoint` (or trackables, or a dict of numpy
         arrays), as the session's `state=`. With `verify`, every file's crc32c
-        is checked while TF reads it, and a damaged checkpoint raises
-        `ValueError`. `worker` picks a launch worker's own shard where the
-        checkpoint has one (`all_workers_write=True`).
+        is checked (from a remote store, before anything is loaded), and a
+        damaged checkpoint raises `ValueError`; from a local directory `into`
+        may then hold part of it, as after a failed TF restore: restore the next
+        checkpoint over it. `worker` picks a launch worker's own shard where the
+        checkpoint has them (`all_workers_write=True`).
         """
         from rayhooks.savers import as_saver
+        if worker is not None and not is_count(worker):
+            raise ValueError("worker must be a worker's index (0, 1, ...) or None, got %r" % (worker,))
         saver = as_saver(into)
         info = self._info
         try:
             problems = self._store._verify_while_restoring(info, saver, worker, None, verify)
+        except ValueError:
+            raise  # a state that does not fit, or a missing shard: deleted or not, that is the error to see
         except Exception as e:
             if not self._still_committed():
                 raise self._deleted() from e
@@ -95,6 +102,57 @@ def finished(claim: Optional[dict]) -> bool:
     return bool(claim and claim.get("released")) and claim.get("ended", "finished") == "finished"
 
 
+class _RunWatch:
+    """Tells when the run writing a directory has finished, counting only a run seen after the iterator began.
+
+    A claim already released as finished when the iterator is made may be an earlier
+    run's, in a directory that a new run is about to resume: stopping on it would end
+    the evaluator as the new run starts. So a finished claim counts only when it is
+    another run's than the one found finished at the start (every claim, a restarted
+    chief's too, has a run id of its own).
+    """
+
+    def __init__(self, claim: WriterClaim):
+        self._claim = claim
+        first = claim.read()
+        self._earlier = first.get("run") if finished(first) else None  # None: no finished run found at the start
+
+    def finished(self) -> bool:
+        claim = self._claim.read()
+        return finished(claim) and claim.get("run") != self._earlier  # each claim has a run id of its own
+
+
+class _Manifests:
+    """A directory's committed checkpoints, listed at each poll; each manifest is read once (they do not change)."""
+
+    def __init__(self, store: CheckpointStore):
+        self._store = store
+        self._read = {}
+        self._hinted = False
+
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    def newest(self) -> Optional[CheckpointInfo]:
+        store = self._store
+        names = store._manifest_names()
+        self._read = {name: self._read[name] if name in self._read else store._read_manifest(name)
+                      for name in names}
+        if not names and not self._hinted:
+            self._hint_other_basename()
+        return store.newest([info for info in self._read.values() if info is not None])
+
+    def _hint_other_basename(self) -> None:
+        self._hinted = True
+        store = self._store
+        others = sorted({name[:-len(MANIFEST_SUFFIX)].rsplit("-", 1)[0] for name in store.storage.listdir()
+                         if name.endswith(MANIFEST_SUFFIX)} - {store.basename})
+        if others:
+            logger.warning("%s holds no checkpoints named %s-*, but some named %s-*: pass checkpoint_basename=%r "
+                           "(the run's own)", store.url, store.basename, others[0], others[0])
+
+
 def checkpoints_iterator(checkpoint_dir, min_interval_secs: float = 0, timeout: Optional[float] = None,
                          timeout_fn: Optional[Callable[[], bool]] = None, *, stop_when_finished: bool = True,
                          checkpoint_basename: str = "model.ckpt", storage_options: Optional[dict] = None,
@@ -115,8 +173,9 @@ def checkpoints_iterator(checkpoint_dir, min_interval_secs: float = 0, timeout: 
     once the run writing the directory has finished: after yielding that run's
     last checkpoint, when the run released the directory at a clean end. A run
     that failed or was preempted is waited for, as its restart resumes there.
-    Start the evaluator once its training run has started: one started before
-    finds the previous run's end and stops after that run's last checkpoint.
+    A run that had already finished when this function was called does not
+    count (a new run may be about to resume its directory): to evaluate a
+    finished run's last checkpoint and stop, pass `timeout=0`.
 
     `poll_secs` is how often the directory is listed; `clock` and `sleep` are
     for tests.
@@ -135,15 +194,16 @@ def checkpoints_iterator(checkpoint_dir, min_interval_secs: float = 0, timeout: 
     storage = checkpoint_dir if isinstance(checkpoint_dir, Storage) else Storage(checkpoint_dir, storage_options,
                                                                                   retry)
     store = CheckpointStore(storage, checkpoint_basename)
-    claim = WriterClaim(storage, checkpoint_basename)
-    return _follow(store, claim, min_interval_secs, timeout, timeout_fn, stop_when_finished, poll_secs,
-                   clock, sleep)
+    # Now, not at the first `next()`: which run had finished before the caller started its own.
+    watch = _RunWatch(WriterClaim(storage, checkpoint_basename)) if stop_when_finished else None
+    return _follow(store, watch, min_interval_secs, timeout, timeout_fn, poll_secs, clock, sleep)
 
 
-def _follow(store, claim, min_interval_secs, timeout, timeout_fn, stop_when_finished, poll_secs, clock, sleep):
+def _follow(store, watch, min_interval_secs, timeout, timeout_fn, poll_secs, clock, sleep):
     last = None  # (step, timestamp) of the checkpoint yielded last
+    manifests = _Manifests(store)
     while True:
-        found = _wait_for_new(store, claim, last, timeout, stop_when_finished, poll_secs, clock, sleep)
+        found = _wait_for_new(manifests, watch, last, timeout, poll_secs, clock, sleep)
         if found is _FINISHED:
             logger.info("%s: the training run has finished and its last checkpoint was seen; stopping", store.url)
             return
@@ -166,21 +226,21 @@ def _follow(store, claim, min_interval_secs, timeout, timeout_fn, stop_when_fini
 _FINISHED = object()
 
 
-def _wait_for_new(store, claim, last, timeout, stop_when_finished, poll_secs, clock, sleep):
+def _wait_for_new(manifests, watch, last, timeout, poll_secs, clock, sleep):
     """The newest committed checkpoint other than `last`; None on timeout; `_FINISHED` when the run is over."""
     deadline = None if timeout is None else clock() + timeout
     announced = False
     while True:
         # The claim before the listing: a run releases only after its last commit, so a
         # release seen here means that listing has the run's last checkpoint.
-        ended = stop_when_finished and finished(claim.read())
-        newest = store.latest()
+        ended = watch is not None and watch.finished()
+        newest = manifests.newest()
         if newest is not None and (newest.step, newest.timestamp) != last:
             return newest
         if ended:
             return _FINISHED
         if not announced:
-            logger.info("waiting for a new checkpoint at %s", store.url)
+            logger.info("waiting for a new checkpoint at %s", manifests.url)
             announced = True
         if deadline is not None and clock() + poll_secs > deadline:
             return None

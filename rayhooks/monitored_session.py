@@ -258,13 +258,11 @@ class MonitoredSession:
                 writer = getattr(hook, "_writer", None)
                 if writer is not None and hasattr(writer, "abandon"):
                     writer.abandon()  # a save in flight still finishes: it is a consistent checkpoint
-                store = getattr(hook, "store", None)
-                if store is not None and hasattr(store, "release") and not (writer is not None and writer.busy()):
-                    # The run is over: the next one takes the directory without a warning. (Not
-                    # while a save still commits: the claim keeps fencing it.)
-                    store.release("failed")
-        else:
-            self._check_step_count()
+            self._release_claims("failed")
+            return
+        self._check_step_count()
+        ended = "failed"
+        try:
             for hook in self._hooks:
                 hook.end(self.handle)
             # As TF1's session close (Coordinator.join): an error a hook reported with
@@ -274,7 +272,23 @@ class MonitoredSession:
             finished = any(isinstance(h, StopAtStepHook) and h._last_step is not None
                            and self.handle.global_step >= h._last_step for h in self._hooks)
             if by is not None and not finished:  # a preempted run is not a finished one: the job must run again
+                ended = "preempted"
                 raise preempted(by[0], by[1], self.handle.latest_checkpoint)
+            ended = "finished"
+        finally:
+            self._release_claims(ended)
+
+    def _release_claims(self, ended: str) -> None:
+        """The run is over: its checkpoint directory is released, saying how it ended.
+
+        The next run then takes the directory without a warning, and a sidecar
+        evaluator (`rh.checkpoints_iterator`) stops after a finished run. Not
+        while a save still commits: the claim keeps fencing it.
+        """
+        for hook in self._hooks:
+            store, writer = getattr(hook, "store", None), getattr(hook, "_writer", None)
+            if store is not None and hasattr(store, "release") and not (writer is not None and writer.busy()):
+                store.release(ended)
 
     def _check_step_count(self) -> None:
         """Warns when `global_step=` advanced otherwise than the runs counted: TF1 read it every run."""

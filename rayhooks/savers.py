@@ -284,10 +284,27 @@ class NumpySaver:
             current = self.arrays.get(key)
             if value is current:
                 continue  # read in place
+            if isinstance(current, np.ndarray) and current.dtype.kind in "US" and value.dtype == object:
+                value = _fixed_width(key, value, current.dtype.kind, checkpoint.url)
+                if value.itemsize > current.itemsize:
+                    # Assigning into the narrower array would cut every string short, silently.
+                    self.arrays[key] = value
+                    continue
             if isinstance(current, np.ndarray) and current.flags.writeable and current.dtype != object:
                 current[...] = value  # in place, so references the user holds see the restore
             else:
                 self.arrays[key] = value
+
+
+def _fixed_width(key, value, kind: str, url: str) -> np.ndarray:
+    """Restored strings (an object array of bytes) as a numpy `U` (UTF-8 decoded) or `S` array, as wide as needed."""
+    if kind == "S":
+        return np.array(value.tolist(), dtype="S").reshape(value.shape)
+    try:
+        return np.array([b.decode("utf-8") for b in value.ravel()], dtype="U").reshape(value.shape)
+    except UnicodeDecodeError as e:
+        raise ValueError("%s: tensor %r holds bytes that are not UTF-8 (%s), which a str array cannot hold; "
+                         "restore it into an array of dtype bytes ('S') or object" % (url, key, e)) from None
 
 
 class TrackableSaver:
@@ -376,6 +393,12 @@ class TrackableSaver:
         except (ValueError, tf.errors.InvalidArgumentError) as e:  # a shape or dtype that changed
             raise ValueError("%s does not fit the state it is restored into (%s); pass a state of the shapes "
                              "and dtypes that saved it" % (checkpoint.url, _shortened(e))) from e
+        # ... and as long as TF may read them: its restore coordinator, which those later restores hold,
+        # keeps the copy too. A saver made for one restore (`CommittedCheckpoint.restore`) goes at once.
+        coordinator = getattr(status, "_checkpoint", None)
+        if coordinator is not None:
+            with contextlib.suppress(AttributeError):
+                coordinator._rayhooks_local_copy = self._staged
         try:
             # Every object the state already holds must find its values: a state whose
             # structure differs from the checkpoint's (state=model where the run saved

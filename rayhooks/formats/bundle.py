@@ -481,9 +481,15 @@ def write_bundle(data_file, index_file, tensors: Mapping[str, object]) -> dict:
 def _targets(entries, wanted, into) -> dict:
     """`into`'s arrays to read in place: all of them where each fits its tensor, else none."""
     targets = {}
+    if any(key not in entries for key in into):
+        return {}  # the caller refuses a checkpoint without one of its arrays: leave them all untouched
     for key in wanted:
         target, e = into.get(key), entries[key]
-        if target is None or e["dt"] == _DT_STRING:  # strings are decoded into new objects anyway
+        if target is None:
+            continue
+        if e["dt"] == _DT_STRING:  # decoded into new objects anyway; a misfit is refused, so read nothing in place
+            if isinstance(target, np.ndarray) and target.shape != tuple(e["shape"]):
+                return {}
             continue
         dtype = _NUMPY_BY_DT.get(e["dt"])
         if not isinstance(target, np.ndarray) or dtype is None or target.dtype != dtype \
