@@ -23,8 +23,10 @@ import logging
 import os
 import re
 import tempfile
+import shutil
 import threading
 import time
+import weakref
 from typing import Dict, List, Optional
 
 from rayhooks import progress
@@ -262,14 +264,14 @@ class CheckpointStore:
 
     def committed(self) -> List[CheckpointInfo]:
         """Committed checkpoints, oldest first. Unreadable manifests are skipped with a warning."""
-        infos = (self._read_manifest(name) for name in self._manifest_names())
+        infos = (self.read_manifest(name) for name in self.manifest_names())
         return sorted((info for info in infos if info is not None), key=lambda i: i.step)
 
     def latest(self) -> Optional[CheckpointInfo]:
         """The committed checkpoint of the highest step, reading manifests from the newest until one parses."""
-        names = self._manifest_names()
+        names = self.manifest_names()
         for name in sorted(names, key=lambda n: int(self._pattern.fullmatch(n).group(1)), reverse=True):
-            info = self._read_manifest(name)
+            info = self.read_manifest(name)
             if info is not None:
                 return info
         return None
@@ -294,11 +296,11 @@ class CheckpointStore:
         later = [i for i in infos if i.step > named.step and i.timestamp >= named.timestamp]
         return max(later, key=lambda i: i.step) if later else named
 
-    def _manifest_names(self) -> List[str]:
+    def manifest_names(self) -> List[str]:
         return [name for name in self.storage.listdir()
                 if name.endswith(MANIFEST_SUFFIX) and self._pattern.fullmatch(name)]
 
-    def _read_manifest(self, name) -> Optional[CheckpointInfo]:
+    def read_manifest(self, name) -> Optional[CheckpointInfo]:
         try:
             manifest = json.loads(self.storage.read_bytes(name))
             if manifest.get("format") != MANIFEST_FORMAT:
@@ -425,7 +427,7 @@ class CheckpointStore:
                                     info.nbytes * (2 if verify and self.storage.is_local else 1),
                                     file=progress_file)
             try:
-                problems = self._verify_while_restoring(info, saver, worker, bar.update, verify)
+                problems = self.restore_checked(info, saver, worker, bar.update, verify)
             finally:
                 bar.close()
             if problems:
@@ -443,7 +445,7 @@ class CheckpointStore:
                 % (self.url, ", ".join(str(i.step) for i in infos), self.url))
         return None
 
-    def _verify_while_restoring(self, info, saver, worker, on_bytes, verify) -> List[str]:
+    def restore_checked(self, info, saver, worker=None, on_bytes=None, verify=True) -> List[str]:
         """Restores `info` with its checksums checked; returns the problems.
 
         In a local directory the check runs on another thread while TF
@@ -486,7 +488,7 @@ class CheckpointStore:
         Checking while restoring, as for a local directory, would fetch those files twice.
         """
         shard = self.reader(info, worker).prefix
-        staged = tempfile.TemporaryDirectory(prefix="rayhooks-restore-")
+        staged = _TempDir()
         try:
             problems = self.verify(info, on_bytes, copy_to={
                 name: os.path.join(staged.name, name)
@@ -512,7 +514,7 @@ class CheckpointReader:
         self.info = info
         self.prefix = prefix or info.prefix
         self.on_bytes = on_bytes  # hears of the bytes read or downloaded, for a progress bar
-        self._keep = keep  # what the files' directory lives as long as (a downloaded copy's TemporaryDirectory)
+        self._keep = keep  # what the files' directory lives as long as (a downloaded copy's _TempDir)
 
     @property
     def url(self) -> str:
@@ -535,7 +537,7 @@ class CheckpointReader:
         names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
         if self.storage.is_local:
             return LocalCopy("%s/%s" % (self.storage.local_root, self.prefix), self._keep)
-        tmp = tempfile.TemporaryDirectory(prefix="rayhooks-restore-")
+        tmp = _TempDir()
         for name in names:
             self.storage.get_to_local(name, os.path.join(tmp.name, name), self.on_bytes)
         return LocalCopy("%s/%s" % (tmp.name, self.prefix), tmp)
@@ -552,7 +554,22 @@ class CheckpointReader:
 @dataclasses.dataclass
 class LocalCopy:
     prefix: str
-    directory: object  # a TemporaryDirectory for a downloaded copy (deleted with this object), or None
+    directory: object  # a _TempDir for a downloaded copy (deleted with this object), or None
+
+
+class _TempDir:
+    """A local directory for a downloaded checkpoint, removed with the last reference to this object.
+
+    As `tempfile.TemporaryDirectory`, without its ResourceWarning: being dropped is
+    this one's normal end (TF may read the files until then).
+    """
+
+    def __init__(self):
+        self.name = tempfile.mkdtemp(prefix="rayhooks-restore-")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.name, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self._finalizer()
 
 
 def _check_files(files) -> None:

@@ -660,18 +660,21 @@ class Chief:
         lost = self._uncommitted_at_finish()
         if lost is not None:
             self.errors.append(str(lost))
-        if not self.errors:
-            if self._replayed is not None:
-                self._replay(last_step)
-            if self.spec.checkpoint is not None:
-                for listener in self.spec.checkpoint.listeners:
-                    listener.end(self.session, last_step)
-            for hook in self.spec.hooks:
-                hook.end(self.session)
-        if self.spec.checkpoint is not None:  # failed or not, the run is over
-            ended = "failed" if self.errors or self._failure is not None else \
-                "preempted" if self._last_pass_preempted else "finished"
-            self.spec.checkpoint.store.release(ended)
+        ended = "failed"
+        try:
+            if not self.errors:
+                if self._replayed is not None:
+                    self._replay(last_step)
+                if self.spec.checkpoint is not None:
+                    for listener in self.spec.checkpoint.listeners:
+                        listener.end(self.session, last_step)
+                for hook in self.spec.hooks:
+                    hook.end(self.session)
+                if self._failure is None:
+                    ended = "preempted" if self._last_pass_preempted else "finished"
+        finally:
+            if self.spec.checkpoint is not None:  # failed or not (an `end` that raised too), the run is over
+                self.spec.checkpoint.store.release(ended)
         if self.spec.summary is not None:
             self._summary_writer.flush()
         if self.spec.checkpoint is not None:

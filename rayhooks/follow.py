@@ -64,7 +64,7 @@ class CommittedCheckpoint:
         saver = as_saver(into)
         info = self._info
         try:
-            problems = self._store._verify_while_restoring(info, saver, worker, None, verify)
+            problems = self._store.restore_checked(info, saver, worker, verify=verify)
         except ValueError:
             raise  # a state that does not fit, or a missing shard: deleted or not, that is the error to see
         except Exception as e:
@@ -87,12 +87,14 @@ class CommittedCheckpoint:
     def _deleted(self) -> FileNotFoundError:
         return FileNotFoundError(
             "[step=%d] %s was deleted before or while it was restored: the training run's retention removed it "
-            "(it keeps max_to_keep checkpoints). Evaluate faster than the run saves, or keep more checkpoints "
-            "(max_to_keep, keep_checkpoint_every_n_hours)" % (self._info.step, self._info.url))
+            "(it keeps max_to_keep checkpoints), or a run resumed below it committed that step again. Evaluate "
+            "faster than the run saves, or keep more checkpoints (max_to_keep, keep_checkpoint_every_n_hours)"
+            % (self._info.step, self._info.url))
 
     def _still_committed(self) -> bool:
+        """Whether this very commit is still there (not deleted, nor replaced by a commit of the same step)."""
         try:
-            return self._store.storage.exists(self._info.prefix + MANIFEST_SUFFIX)
+            return self._store.read_manifest(self._info.prefix + MANIFEST_SUFFIX) == self._info
         except Exception:  # noqa: BLE001 -- then the restore's own error is the one to see
             return True
 
@@ -123,7 +125,11 @@ class _RunWatch:
 
 
 class _Manifests:
-    """A directory's committed checkpoints, listed at each poll; each manifest is read once (they do not change)."""
+    """A directory's committed checkpoints, listed at each poll.
+
+    A manifest is read once, except the newest one's, read at every poll: a run
+    resumed below a damaged checkpoint commits that step again, under the same name.
+    """
 
     def __init__(self, store: CheckpointStore):
         self._store = store
@@ -136,12 +142,18 @@ class _Manifests:
 
     def newest(self) -> Optional[CheckpointInfo]:
         store = self._store
-        names = store._manifest_names()
-        self._read = {name: self._read[name] if name in self._read else store._read_manifest(name)
+        names = store.manifest_names()
+        self._read = {name: self._read[name] if name in self._read else store.read_manifest(name)
                       for name in names}
         if not names and not self._hinted:
             self._hint_other_basename()
-        return store.newest([info for info in self._read.values() if info is not None])
+        newest = store.newest([info for info in self._read.values() if info is not None])
+        if newest is not None:
+            name = newest.prefix + MANIFEST_SUFFIX
+            again = self._read[name] = store.read_manifest(name)
+            if again != newest:
+                return self.newest()  # changed (committed again) or gone since it was read: choose anew
+        return newest
 
     def _hint_other_basename(self) -> None:
         self._hinted = True

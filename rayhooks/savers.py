@@ -274,7 +274,8 @@ class NumpySaver:
                   for key, value in values.items() if key in self.arrays
                   and isinstance(self.arrays[key], np.ndarray)
                   and (self.arrays[key].shape != value.shape  # strings come back as objects: their shape only
-                       or value.dtype != object and self.arrays[key].dtype != value.dtype)]
+                       or value.dtype != object and self.arrays[key].dtype != value.dtype
+                       or value.dtype == object and self.arrays[key].dtype.kind not in "USO")]
         if differ:
             # Swapping in the saved array instead would train the user's array from its initial
             # values while every later checkpoint saved the swapped-in, frozen one.

@@ -414,6 +414,21 @@ class Storage:
         return self.call("download" if copy_to else "read", name, self._crc32c_once, name, on_bytes, copy_to)
 
     def _crc32c_once(self, name, on_bytes, copy_to):
+        if on_bytes is None:
+            return self._crc32c_read(name, None, copy_to)
+        counted = [0]
+
+        def count(n):
+            counted[0] += n
+            on_bytes(n)
+        try:
+            return self._crc32c_read(name, count, copy_to)
+        except BaseException:
+            if counted[0]:
+                on_bytes(-counted[0])  # a retry reads them again: a progress bar must not pass 100%
+            raise
+
+    def _crc32c_read(self, name, on_bytes, copy_to):
         import google_crc32c
         import numpy as np
         crc, size = 0, 0

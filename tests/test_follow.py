@@ -190,7 +190,8 @@ def test_an_evaluator_thread_follows_a_run_training_beside_it(tmp_path):
             errors.append(e)
     evaluator = threading.Thread(target=evaluate)
     evaluator.start()
-    with _session(url, state, save_steps=5, last_step=200) as sess:
+    # Every checkpoint kept: with retention, one could go before the evaluator thread reads it.
+    with _session(url, state, save_steps=5, last_step=200, max_to_keep=None) as sess:
         while not sess.should_stop():
             sess.run(_fill, state, sess)
     evaluator.join(timeout=60)
@@ -248,15 +249,20 @@ def test_a_finished_run_found_at_the_start_does_not_end_the_evaluation_of_the_ru
     assert got == [20, 40]
 
 
-def test_a_newer_commit_below_a_damaged_higher_step_is_yielded(tmp_path):
-    """A run resumed below a damaged checkpoint commits lower steps: the state file names them as newest,
-    as TF's latest_checkpoint and the resuming session see it."""
-    url, state = str(tmp_path), {"w": np.zeros(3)}
+def _committed_0_10_and_a_damaged_20(url, state):
+    """A finished run's checkpoints 0, 10 and 20, all kept, 20 then damaged: a run resumes at 10."""
     sess = _session(url, state, max_to_keep=None)
     _train(sess, state, 20)
     sess.close()
     with open(os.path.join(url, "model.ckpt-20.data-00000-of-00001"), "r+b") as f:
         f.write(b"\xff" * 4)
+
+
+def test_a_newer_commit_below_a_damaged_higher_step_is_yielded(tmp_path):
+    """A run resumed below a damaged checkpoint commits lower steps: the state file names them as newest,
+    as TF's latest_checkpoint and the resuming session see it."""
+    url, state = str(tmp_path), {"w": np.zeros(3)}
+    _committed_0_10_and_a_damaged_20(url, state)
     clock = rh.ManualClock()
     got = []
 
@@ -366,7 +372,8 @@ def test_a_refused_restore_leaves_every_array_as_it_was(tmp_path):
     clock = rh.ManualClock()
     checkpoint, = _follow(url, clock, Sleeper(clock), timeout=0)
     for mine, says in (({"w": np.full(3, -1.0), "extra": np.full(1, -1.0)}, "has no tensor extra"),
-                       ({"w": np.full(3, -1.0), "names": np.array([b"x"], dtype=object)}, "does not fit")):
+                       ({"w": np.full(3, -1.0), "names": np.array([b"x"], dtype=object)}, "does not fit"),
+                       ({"w": np.full(3, -1.0), "names": np.zeros(2)}, "does not fit")):
         with pytest.raises(ValueError, match=says):
             checkpoint.restore(mine)
         assert (mine["w"] == -1).all()
@@ -393,3 +400,31 @@ def test_an_unbuilt_keras_model_restores_from_a_remote_store_when_it_is_built(me
     gc.collect()
     unbuilt(np.zeros((1, 4), np.float32))                                      # builds: the restore happens now
     np.testing.assert_array_equal(unbuilt.layers[-1].kernel.numpy(), model.layers[-1].kernel.numpy())
+
+
+def test_a_step_committed_again_by_a_resumed_run_is_yielded_again(tmp_path):
+    """A run resumed below a damaged checkpoint commits that step again, under the same name."""
+    url, state = str(tmp_path), {"w": np.zeros(3)}
+    _committed_0_10_and_a_damaged_20(url, state)
+    clock = rh.ManualClock()
+    first = []
+
+    def between(calls):
+        if calls == 1:
+            resumed = _session(url, state, max_to_keep=None)
+            assert resumed.global_step == 10
+            for _ in range(10):
+                resumed.run(lambda: state["w"].__setitem__(slice(None), resumed.global_step + 1001))
+            resumed.close()
+            with pytest.raises(FileNotFoundError, match="committed that step again"):
+                first[0].restore({"w": np.zeros(3)})                   # the commit it was is gone
+    outcomes = []
+    for checkpoint in _follow(url, clock, Sleeper(clock, between)):
+        first.append(checkpoint)
+        try:
+            restored = {"w": np.zeros(3)}
+            checkpoint.restore(restored)
+            outcomes.append((checkpoint.step, float(restored["w"][0])))
+        except ValueError as e:
+            outcomes.append((checkpoint.step, "damaged" if "is damaged" in str(e) else str(e)))
+    assert outcomes == [(20, "damaged"), (20, 1020.0)]

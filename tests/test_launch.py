@@ -860,6 +860,20 @@ def test_an_error_on_the_chief_mid_run_is_raised_by_launch(backend, ckpt_dir, ch
     assert all(i.step < 2000 for i in _committed(ckpt_dir))
 
 
+class _RaiseInEnd(rh.SessionRunHook):
+    def end(self, session):
+        raise ValueError("chief hook broke in end")
+
+
+def test_a_chief_hook_failing_in_end_releases_the_directory_as_failed(ckpt_dir):
+    """A sidecar evaluator stops after a finished run only: this one failed as it ended."""
+    with pytest.raises(ValueError, match="broke in end"):
+        rh.launch(count_steps, 1, backend="local", chief_only_hooks=[_RaiseInEnd(),
+                  rh.CheckpointSaverHook(ckpt_dir, save_steps=5)], hooks=[rh.StopAtStepHook(last_step=6)])
+    claim = rh.CheckpointStore(rh.Storage(ckpt_dir)).writer_claim.read()
+    assert claim["released"] and claim["ended"] == "failed"
+
+
 class _FetchLossAtEnd(rh.SessionRunHook):
     def __init__(self, path):
         self.path = path

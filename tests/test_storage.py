@@ -276,3 +276,43 @@ def _s3_error(code, status):
 ])
 def test_s3_error_responses_are_retried_when_s3_says_to(code, status, transient):
     assert is_transient(_s3_error(code, status)) is transient
+
+
+def test_a_checksum_read_retried_part_way_counts_its_bytes_once(memory_url):
+    """The read fails once after its first chunk, a connection reset that cannot be caused for real on
+    memory:// (the file object is wrapped to raise it); the retry reads from the start, and a progress
+    bar fed by on_bytes ends at the file's size, not above."""
+    import google_crc32c
+    st = rh.Storage(memory_url, retry=rh.RetryPolicy(max_attempts=3, initial_backoff=0), sleep=lambda s: None)
+    data = bytes(range(256)) * (80 << 10)  # 20 MB: more than one 8 MB chunk
+    st.write_bytes("f", data)
+    opened, counted = [], []
+    real_open = st.fs.open
+
+    class CutAfterOneChunk:
+        def __init__(self, f):
+            self.f, self.reads = f, 0
+
+        def readinto(self, buf):
+            self.reads += 1
+            if self.reads == 2:
+                raise ConnectionError("connection reset by peer")
+            return self.f.readinto(buf)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_cut_once(path, mode="rb", **kwargs):
+        opened.append(path)
+        f = real_open(path, mode, **kwargs)
+        return CutAfterOneChunk(f) if len(opened) == 1 else f
+    st.fs.open = open_cut_once
+    try:
+        crc, size = st.crc32c("f", counted.append, copy_to=None)
+    finally:
+        del st.fs.open
+    assert len(opened) == 2 and size == len(data) and crc == google_crc32c.value(data)
+    assert sum(counted) == len(data) and min(counted) < 0  # the cut attempt's bytes taken back

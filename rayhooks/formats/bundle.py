@@ -488,7 +488,8 @@ def _targets(entries, wanted, into) -> dict:
         if target is None:
             continue
         if e["dt"] == _DT_STRING:  # decoded into new objects anyway; a misfit is refused, so read nothing in place
-            if isinstance(target, np.ndarray) and target.shape != tuple(e["shape"]):
+            if isinstance(target, np.ndarray) and (target.shape != tuple(e["shape"])
+                                                   or target.dtype.kind not in "USO"):
                 return {}
             continue
         dtype = _NUMPY_BY_DT.get(e["dt"])
