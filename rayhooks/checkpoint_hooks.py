@@ -398,6 +398,8 @@ class CheckpointSaverHook(SessionRunHook):
     def end(self, session):
         # The handlers stay until the final save is committed: a SIGTERM now (a preemption as
         # the run closes) must not kill the process mid-save; the save under way covers it.
+        # The directory's claim is released by the session (`_release_claims`), once every
+        # hook has ended: only then is it known whether the run finished, failed or was preempted.
         try:
             last_step = session.global_step
             if self._final_save_due(last_step, self._settle_for_end(session)):
@@ -407,8 +409,6 @@ class CheckpointSaverHook(SessionRunHook):
             self._flush_summaries(last_step)
             for listener in self._listeners:
                 listener.end(session, last_step)
-            # The session releases the directory once every hook has ended: only then is it
-            # known whether the run finished, failed or was preempted.
         finally:
             self._end_signal_handling(session)
 

@@ -22,8 +22,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 import shutil
+import tempfile
 import threading
 import time
 import weakref
@@ -297,10 +297,12 @@ class CheckpointStore:
         return max(later, key=lambda i: i.step) if later else named
 
     def manifest_names(self) -> List[str]:
+        """The names of the manifests in the directory (of this basename), one per committed checkpoint."""
         return [name for name in self.storage.listdir()
                 if name.endswith(MANIFEST_SUFFIX) and self._pattern.fullmatch(name)]
 
     def read_manifest(self, name) -> Optional[CheckpointInfo]:
+        """The checkpoint a manifest describes; None if it is gone, or malformed (with a warning)."""
         try:
             manifest = json.loads(self.storage.read_bytes(name))
             if manifest.get("format") != MANIFEST_FORMAT:

@@ -551,11 +551,12 @@ def read_bundle(index_bytes: bytes, data_file, keys=None, verify=True, into=None
     ``verify`` the stored CRC-32C of every tensor (and of every index block) is
     checked, raising ValueError naming the key on mismatch.
 
-    ``into`` maps names to arrays to read into in place, saving a copy: where
-    every one of them is a writeable C-contiguous numeric array of the tensor's
-    dtype and shape (string tensors aside), each tensor is read straight into its array (and that
-    array is returned for it); otherwise nothing is read in place. An error
-    part way then leaves those arrays partly overwritten.
+    ``into`` maps names to arrays to read into in place, saving a copy. Where
+    every name is in the bundle and every array fits its tensor (a writeable
+    C-contiguous array of its dtype and shape; a string tensor's a str, bytes
+    or object array of its shape), each numeric tensor is read straight into
+    its array, which is returned for it; otherwise nothing is read in place.
+    An error part way then leaves those arrays partly overwritten.
     """
     header, entries = _parse_index(index_bytes, verify)
     if header.get("num_shards", 1) != 1 or header.get("endianness", 0) != 0:
