@@ -302,13 +302,13 @@ def bench_rayhooks(arrays, anchor, warm, tmp, asynchronous, tf_state=None):
 def _snapshot_breakdown(sess, plan, run, repeats=7):
     """Two parts of a planned TrackableSaver snapshot, timed apart after the saves: the object-graph walk
     that checks the plan still fits, and TF's reads of the variables (the traced function)."""
-    from rayhooks import savers
+    from rayhooks import snapshot_plan
     graph_view = sess.saver.checkpoint._saver._graph_view
     walk, reads = [], []
     for _ in range(repeats):
         run()  # as before a save: the state just written by a step
         started = time.perf_counter()
-        savers._walk(graph_view)
+        snapshot_plan.walk(graph_view)
         walk.append(time.perf_counter() - started)
         started = time.perf_counter()
         plan._read_all()

@@ -16,10 +16,11 @@ from rayhooks.coordinator import Coordinator
 from rayhooks.follow import CommittedCheckpoint, checkpoints_iterator
 from rayhooks.handle import SessionHandle
 from rayhooks.monitored_session import MonitoredSession, MonitoredTrainingSession
-from rayhooks.savers import NumpySaver, Snapshot, TrackableSaver
+from rayhooks.savers import NumpySaver, TrackableSaver
 from rayhooks.scaffold import Scaffold
 from rayhooks.session_run_hook import (GLOBAL_STEP, SessionRunArgs, SessionRunContext, SessionRunHook,
                                        SessionRunValues)
+from rayhooks.snapshot import Snapshot
 from rayhooks.storage import RetryPolicy, Storage
 from rayhooks.summary_hook import SummarySaverHook
 from rayhooks.summary_writer import SummaryWriter, SummaryWriterCache

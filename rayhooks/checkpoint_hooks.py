@@ -24,8 +24,9 @@ import time
 import weakref
 
 from rayhooks.checkpoints import CheckpointStore, RetentionPolicy
-from rayhooks.savers import as_saver, final_snapshot
+from rayhooks.savers import as_saver
 from rayhooks.session_run_hook import SessionRunHook
+from rayhooks.snapshot import final_snapshot
 from rayhooks.storage import Storage
 from rayhooks.summary_writer import SummaryWriterCache
 from rayhooks.timer import NEVER_STEP, SecondOrStepTimer

@@ -15,7 +15,6 @@ it reads. Everything without a manifest is a partial: readers never see it,
 and `collect_partials` deletes the ones older than the newest commit.
 """
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -543,14 +542,6 @@ class CheckpointReader:
         for name in names:
             self.storage.get_to_local(name, os.path.join(tmp.name, name), self.on_bytes)
         return LocalCopy("%s/%s" % (tmp.name, self.prefix), tmp)
-
-    @contextlib.contextmanager
-    def local_prefix(self):
-        """A local path prefix TF can read (downloads first for a remote URL)."""
-        from rayhooks.savers import staged_locally
-        names = [bundle.index_filename(self.prefix), bundle.data_filename(self.prefix)]
-        with staged_locally(self.storage, names, self.on_bytes) as local_dir:
-            yield "%s/%s" % (local_dir, self.prefix)
 
 
 @dataclasses.dataclass

@@ -36,10 +36,10 @@ import time
 
 from rayhooks.checkpoints import CheckpointStore
 from rayhooks.monitored_session import MonitoredSession
-from rayhooks.plan import CHECKPOINT, SUMMARY
-from rayhooks.savers import final_snapshot
 from rayhooks.handle import resolve_fetches
+from rayhooks.plan import CHECKPOINT, SUMMARY
 from rayhooks.session_run_hook import SessionRunHook
+from rayhooks.snapshot import final_snapshot
 from rayhooks.storage import Storage
 from rayhooks.writer import BackgroundWriter, background_error
 

@@ -243,7 +243,7 @@ def test_main_only_runs_one_benchmark(tmp_path):
 # -- found by the benchmarks ---------------------------------------------------------------
 
 def test_trackable_snapshot_reads_each_variable_once(monkeypatch):
-    """A snapshot reads every CPU variable once, in place (savers.py: "a plain variable is read in place").
+    """A snapshot reads every CPU variable once, in place (snapshot_plan.py: "a plain variable is read in place").
 
     Fails while `TrackableSaver.snapshot` tests `hasattr(value, "tensor")` on TF's SaveSpec:
     `tensor` is a property, so hasattr runs TF's whole read closure (is_initialized,

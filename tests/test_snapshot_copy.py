@@ -1,4 +1,4 @@
-"""The snapshot copy (`savers._copy_all`): from `_SPLIT_BYTES` on, two threads share the bytes.
+"""The snapshot copy (`snapshot.copy_all`): from `_SPLIT_BYTES` on, two threads share the bytes.
 
 No TensorFlow here: the copy is plain numpy, and NumpySaver uses it as it is.
 `_SPLIT_BYTES` is lowered so the arrays stay small, and the process is told it
@@ -11,22 +11,22 @@ import numpy as np
 import pytest
 
 import rayhooks as rh
-from rayhooks import savers
+from rayhooks import snapshot
 
 
 @pytest.fixture
 def split(monkeypatch):
     """Copies from 4 KB on are split; records which thread copied how many bytes."""
-    monkeypatch.setattr(savers, "_SPLIT_BYTES", 4096)
-    monkeypatch.setattr(savers, "_copy_threads", lambda: 2)
+    monkeypatch.setattr(snapshot, "_SPLIT_BYTES", 4096)
+    monkeypatch.setattr(snapshot, "_copy_threads", lambda: 2)
     copied = {}
-    real = savers._copy_pairs
+    real = snapshot._copy_pairs
 
     def recording(pairs):
         name = threading.current_thread().name
         copied[name] = copied.get(name, 0) + sum(dst.nbytes for dst, _ in pairs)
         real(pairs)
-    monkeypatch.setattr(savers, "_copy_pairs", recording)
+    monkeypatch.setattr(snapshot, "_copy_pairs", recording)
     return copied
 
 
@@ -44,7 +44,7 @@ def test_large_copies_are_shared_by_two_threads_byte_for_byte(split):
                rng.standard_normal(1000)]
     pairs = _pairs(sources)
     total = sum(dst.nbytes for dst, _ in pairs)
-    savers._copy_all(pairs, total)
+    snapshot.copy_all(pairs, total)
     for (dst, _), src in zip(pairs, sources):
         np.testing.assert_array_equal(dst, src)
         assert dst.flags.owndata
@@ -58,14 +58,14 @@ def test_large_copies_are_shared_by_two_threads_byte_for_byte(split):
 def test_a_straddling_array_that_is_not_contiguous_goes_whole_to_the_second_thread(split):
     src = np.arange(4000, dtype=np.float64).reshape(100, 40)[:, ::2]  # 16 KB, strided
     pairs = _pairs([np.ones(100), src])
-    savers._copy_all(pairs, sum(dst.nbytes for dst, _ in pairs))
+    snapshot.copy_all(pairs, sum(dst.nbytes for dst, _ in pairs))
     np.testing.assert_array_equal(pairs[1][0], src)
     assert split[threading.main_thread().name] == 800
 
 
 def test_small_copies_stay_on_the_calling_thread(split):
     pairs = _pairs([np.ones(100), np.arange(50)])
-    savers._copy_all(pairs, 4095)
+    snapshot.copy_all(pairs, 4095)
     assert list(split) == [threading.main_thread().name]
     np.testing.assert_array_equal(pairs[1][0], np.arange(50))
 
@@ -74,7 +74,7 @@ def test_a_failed_copy_raises_only_once_the_other_half_is_done(split, monkeypatc
     # A copy that cannot fail for real here (both sides are ours): a dtype mismatch
     # stands in for it, so this thread's half raises while the other half copies.
     other_done = threading.Event()
-    real = savers._copy_pairs
+    real = snapshot._copy_pairs
 
     def copy(pairs):
         if threading.current_thread() is not threading.main_thread():
@@ -82,10 +82,10 @@ def test_a_failed_copy_raises_only_once_the_other_half_is_done(split, monkeypatc
             other_done.set()
             return
         real(pairs)
-    monkeypatch.setattr(savers, "_copy_pairs", copy)
+    monkeypatch.setattr(snapshot, "_copy_pairs", copy)
     pairs = [(np.empty(2000, np.float32), np.ones(2000, np.float64)), (np.empty(2000), np.ones(2000))]
     with pytest.raises(TypeError):
-        savers._copy_all(pairs, 8000 + 16000)
+        snapshot.copy_all(pairs, 8000 + 16000)
     assert other_done.is_set(), "the buffers were handed back while the other thread still wrote them"
 
 
@@ -121,7 +121,7 @@ def _in_forked_child(work):
 
 def _copy_in_child():
     pairs = _pairs([np.arange(3000.0), np.arange(3000.0)])
-    savers._copy_all(pairs, 48000)
+    snapshot.copy_all(pairs, 48000)
     assert np.array_equal(pairs[1][0], np.arange(3000.0))
 
 
@@ -136,7 +136,7 @@ def _write_in_child(path):
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
 def test_a_forked_child_copies_and_writes_with_threads_of_its_own(split, tmp_path):
     from rayhooks import direct_io
-    savers._copy_all(_pairs([np.ones(3000), np.ones(3000)]), 48000)  # the parent's copier thread exists
+    snapshot.copy_all(_pairs([np.ones(3000), np.ones(3000)]), 48000)  # the parent's copier thread exists
     with direct_io.open_for_write(str(tmp_path / "parent")) as f:    # and its writer threads
         f.write(np.ones(2 * direct_io.STAGING_BYTES // 8))
     assert _in_forked_child(_copy_in_child) == 0, "the child's split copy hung or failed"
@@ -151,8 +151,8 @@ def test_a_copy_while_the_interpreter_exits_is_made_on_the_calling_thread(split,
     import concurrent.futures
     closed = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     closed.shutdown()
-    monkeypatch.setattr(savers, "_copier", closed)
+    monkeypatch.setattr(snapshot, "_copier", closed)
     pairs = _pairs([np.arange(2000.0), np.arange(3000.0)])
-    savers._copy_all(pairs, 40000)
+    snapshot.copy_all(pairs, 40000)
     np.testing.assert_array_equal(pairs[1][0], np.arange(3000.0))
     assert list(split) == [threading.main_thread().name]

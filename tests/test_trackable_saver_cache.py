@@ -370,13 +370,13 @@ def test_legacy_saveable_is_asked_for_its_tensors_at_every_save(tf, tmp_path, mo
 @pytest.mark.parametrize("one_op", [True, False], ids=["ReadVariablesOp", "ReadVariableOp-each"])
 def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_its_step(tf, tmp_path,
                                                                                        monkeypatch, one_op):
-    from rayhooks import savers
+    from rayhooks import snapshot, snapshot_plan
     from tensorflow.python.framework import op_def_registry
     if not one_op:  # a TF without the multi-variable read op: one ReadVariableOp a variable
         real_get = op_def_registry.get
         monkeypatch.setattr(op_def_registry, "get",
                             lambda name: None if name == "_ReadVariablesOp" else real_get(name))
-    count = savers._BATCH_READS + 4
+    count = snapshot_plan.BATCH_READS + 4
     sizes = [8 if i % 2 else 1 << 15 for i in range(count)]  # small, and large (left in copy-on-read first)
     variables = {"v%d" % i: tf.Variable(np.full(n, float(i), np.float32)) for i, n in enumerate(sizes)}
     variables["label"] = tf.Variable(b"cat\x00")
@@ -385,7 +385,7 @@ def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_
     saver = rh.TrackableSaver(ckpt)
     saver.snapshot().done()  # the plan is made here
     plan = saver._plan
-    with savers.final_snapshot():  # a run's last save prepares nothing for later ones
+    with snapshot.final_snapshot():  # a run's last save prepares nothing for later ones
         saver.snapshot().done()
     assert plan.trace_idle.is_set() and plan._read_all is None
     saver.snapshot().done()  # reused: its read function is traced on a thread
@@ -448,8 +448,8 @@ def _buffers(snapshot, keys):
 
 
 def test_plan_reuses_one_buffer_set_per_snapshot_in_flight_and_a_new_plan_finds_them_warm(tf):
-    from rayhooks import savers
-    variables = {"v%d" % i: tf.Variable(np.full(1000, float(i), np.float32)) for i in range(savers._BATCH_READS)}
+    from rayhooks import snapshot_plan
+    variables = {"v%d" % i: tf.Variable(np.full(1000, float(i), np.float32)) for i in range(snapshot_plan.BATCH_READS)}
     ckpt = tf.train.Checkpoint(**variables)
     saver = rh.TrackableSaver(ckpt)
     saver.snapshot().done()  # the plan is made here
