@@ -382,17 +382,23 @@ class CheckpointStore:
 
         `copy_to` maps file names to local paths: those files are downloaded as they are checked.
         """
-        problems = []
-        for name, meta in sorted(info.files.items()):
-            try:
-                crc, size = self.storage.crc32c(name, on_bytes, (copy_to or {}).get(name))
-            except FileNotFoundError:
-                problems.append("%s is missing" % self.storage.url_of(name))
-                continue
-            if size != meta["bytes"] or crc != meta["crc32c"]:
-                problems.append("%s: expected %d bytes crc32c %08x, found %d bytes crc32c %08x"
-                                % (self.storage.url_of(name), meta["bytes"], meta["crc32c"], size, crc))
-        return problems
+        problems = (self.check_file(name, meta, on_bytes, (copy_to or {}).get(name))
+                    for name, meta in sorted(info.files.items()))
+        return [problem for problem in problems if problem is not None]
+
+    def check_file(self, name: str, meta: dict, on_bytes=None, copy_to: Optional[str] = None) -> Optional[str]:
+        """The problem with one file of a manifest's table (`meta`: its bytes and crc32c), or None.
+
+        `copy_to`: a local path the file is downloaded to as it is checked.
+        """
+        try:
+            crc, size = self.storage.crc32c(name, on_bytes, copy_to)
+        except FileNotFoundError:
+            return "%s is missing" % self.storage.url_of(name)
+        if size != meta["bytes"] or crc != meta["crc32c"]:
+            return ("%s: expected %d bytes crc32c %08x, found %d bytes crc32c %08x"
+                    % (self.storage.url_of(name), meta["bytes"], meta["crc32c"], size, crc))
+        return None
 
     def reader(self, info: CheckpointInfo, worker: Optional[int] = None, on_bytes=None) -> "CheckpointReader":
         """Reads `info`; with `worker`, that worker's own shard where the checkpoint has one.

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rayhooks as rh
-from rayhooks import cli
+from rayhooks import cli, cli_common
 from rayhooks.formats import state_file
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -93,9 +93,9 @@ def test_ls_lists_committed_partials_and_latest(run_dir, capsys):
     store = rh.CheckpointStore(rh.Storage(run_dir))
     for i, info in enumerate(store.committed()):
         assert _row(out, info.step) == [str(info.step), "2023-11-14T22:%02d:20Z" % (13 + i),
-                                        cli.human_size(info.nbytes), "2",
+                                        cli_common.human_size(info.nbytes), "2",
                                         "latest" if info.step == 30 else ""]
-    assert _row(out, 15)[1:] == ["-", cli.human_size(sum(
+    assert _row(out, 15)[1:] == ["-", cli_common.human_size(sum(
         os.path.getsize(os.path.join(run_dir, n)) for n in _partial_names(15))), "2", "partial (uncommitted)"]
     assert _row(out, 40)[4] == "partial (uncommitted)"
     assert "latest step 30" in out
@@ -113,13 +113,13 @@ def test_ls_on_memory_url(memory_url, capsys):
 
 
 def test_human_size_and_storage_option_parsing():
-    assert cli.human_size(0) == "0 B"
-    assert cli.human_size(1536) == "1.5 KiB"
-    assert cli.human_size(3 * 1024 ** 3) == "3.0 GiB"
-    assert cli._storage_option("token=anon") == ("token", "anon")
-    assert cli._storage_option("use_ssl=false") == ("use_ssl", False)
-    assert cli._storage_option("retries=3") == ("retries", 3)
-    assert cli._storage_option('headers={"a": "b"}') == ("headers", {"a": "b"})
+    assert cli_common.human_size(0) == "0 B"
+    assert cli_common.human_size(1536) == "1.5 KiB"
+    assert cli_common.human_size(3 * 1024 ** 3) == "3.0 GiB"
+    assert cli_common.storage_option("token=anon") == ("token", "anon")
+    assert cli_common.storage_option("use_ssl=false") == ("use_ssl", False)
+    assert cli_common.storage_option("retries=3") == ("retries", 3)
+    assert cli_common.storage_option('headers={"a": "b"}') == ("headers", {"a": "b"})
 
 
 def test_storage_options_reach_fsspec(run_dir, capsys, monkeypatch):
@@ -322,7 +322,7 @@ def test_gc_refuses_an_age_it_cannot_read(run_dir, capsys, age):
 
 
 def test_gc_older_than_reads_units():
-    assert [cli._age_arg(a) for a in ("90", "90s", "30m", "1.5h", "2d", " 2D ")] == \
+    assert [cli_common.age_arg(a) for a in ("90", "90s", "30m", "1.5h", "2d", " 2D ")] == \
         [90, 90, 1800, 5400, 172800, 172800]
 
 
