@@ -9,7 +9,9 @@ to the `memcpy`. From 16 variables on, the plan's reads also run as one TF
 function, traced on a background thread when a save first reuses the plan
 (about 2 s for 500 variables, once per plan): ~4 us a variable where two eager
 ops cost ~40 us. Its copies go into buffers the plan reuses as one set per
-snapshot in flight.
+snapshot in flight. Where the state is plain numeric variables (most models)
+and a set's buffers still fit every read, a save copies into them with no
+Python per variable: 1.3 ms less a save for 512 variables.
 
 TensorFlow is imported inside the functions: this module loads without it.
 """
@@ -250,6 +252,17 @@ class SnapshotPlan:
         self.slot_ids = _slot_ids(slots)
         self.steps = steps  # [(kind, key or trackable data, what)], in TF's order; None: gather every time
         self.reads = [(key, source[2], source[3], source[4]) for kind, key, source in steps or () if kind == _READ]
+        # What each save must ask again (trackables of their own, Keras variables' inner variable).
+        self._checks = [(kind, a, b) for kind, a, b in steps or ()
+                        if kind in (_CALL, _LEGACY) or kind == _READ and b[0] is not None]
+        # Plain numeric variables and the graph constant only (most models): a save whose
+        # buffers fit from the save before takes `_snapshot_warm`, with no per-variable Python.
+        constants = [(a, b) for kind, a, b in steps or () if kind == _CONSTANT]
+        self._warm_keys = None
+        if steps and all(kind in (_READ, _CONSTANT) for kind, _, _ in steps) and len(constants) == 1 \
+                and steps[-1][0] == _CONSTANT and all(dtype.name != "string" for _, _, dtype, _ in self.reads):
+            self._warm_keys = [key for key, _, _, _ in self.reads]
+            self._constant = constants[0]
         self._read_all = None  # once traced: one TF function making every read
         # Traced when the plan is first reused, not when made: the first plan of a
         # run often lasts one save (optimizer slots appear at the first step).
@@ -363,12 +376,12 @@ class SnapshotPlan:
         from tensorflow.python.checkpoint import save_util
         from tensorflow.python.ops import gen_resource_variable_ops
         called = {}
-        for kind, a, b in self.steps:
+        for kind, a, b in self._checks:
             if kind == _CALL:
                 trackable, got = a.object_to_save, save_util._get_tensors_from_trackable(a, None, None)
             elif kind == _LEGACY:
                 trackable, got = save_util._get_tensors_from_legacy_saveable(a, None, None, None)
-            elif kind == _READ and b[0] is not None and b[0].value is not b[1]:
+            elif b[0].value is not b[1]:
                 return None  # a Keras variable now holds another tf.Variable
             else:
                 continue
@@ -391,13 +404,18 @@ class SnapshotPlan:
                     # small variable that copy costs less than the op that avoids it.
                     gen_resource_variable_ops.disable_copy_on_read(handle)
                 values.append(gen_resource_variable_ops.read_variable_op(handle, dtype))
-        tensors, nbytes, taken = {}, 0, {}
         gen = self._take_generation()
+        if gen.layout is not None:
+            arrays = [value._numpy() for value in values]  # views of the variables' CPU buffers
+            if [(arr.shape, arr.dtype) for arr in arrays] == gen.layout:
+                del values
+                return self._snapshot_warm(gen, arrays, pool)
+        tensors, nbytes, taken = {}, 0, {}
         read, pairs, copied = {}, [], 0
         for i, value in enumerate(values):
             key = self.reads[i][0]
             arr = value._numpy()  # a view of the variable's CPU buffer
-            if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:  # strings
+            if not isinstance(arr, (np.ndarray, np.generic)) or arr.dtype.hasobject:  # strings (0-d: a numpy scalar)
                 read[key] = host_copy(arr, pool, key, taken.setdefault(key, []))
                 continue
             buf = gen[i]
@@ -409,6 +427,8 @@ class SnapshotPlan:
         del values
         copy_all(pairs, copied)
         del pairs
+        if self._warm_keys is not None and all(buf is not None for buf in gen):  # its next save may go warm
+            gen.layout, gen.nbytes = [(buf.shape, buf.dtype) for buf in gen], copied
         for kind, a, b in self.steps:
             if kind == _READ:
                 tensors[a], n = read[a]
@@ -436,12 +456,23 @@ class SnapshotPlan:
             self._give_generation(gen, pool)
         return Snapshot(tensors, nbytes, release)
 
-    def _take_generation(self) -> list:
+    def _snapshot_warm(self, gen: "_Generation", arrays: list, pool: BufferPool) -> Snapshot:
+        """`snapshot` where every read fits the generation's buffers and nothing else is saved."""
+        copy_all(list(zip(gen, arrays)), gen.nbytes)
+        del arrays
+        tensors = dict(zip(self._warm_keys, gen))
+        key, graph = self._constant
+        tensors[key] = np.array(graph, dtype=object)
+        if self._trace_due and not in_final_snapshot():
+            self._start_trace()
+        return Snapshot(tensors, gen.nbytes + len(graph), lambda: self._give_generation(gen, pool))
+
+    def _take_generation(self) -> "_Generation":
         """Buffers for one snapshot's variable reads (None: none yet), in `reads` order; one lock a save."""
         with self._gen_lock:
             if self._gens:
                 return self._gens.pop()
-        return [None] * len(self.reads)
+        return _Generation([None] * len(self.reads))
 
     def _give_generation(self, gen, pool: BufferPool) -> None:
         with self._gen_lock:
@@ -462,3 +493,14 @@ class SnapshotPlan:
         for (key, _, _, _), buf in zip(self.reads, gen):
             if buf is not None:
                 pool.give(key, (buf,))
+
+
+class _Generation(list):
+    """One snapshot's buffers for a plan's reads, in `reads` order.
+
+    `layout`: each buffer's (shape, dtype) once all were filled by a plan that
+    can take the warm path (None until then); `nbytes`: their total.
+    """
+
+    layout = None
+    nbytes = 0

@@ -482,3 +482,54 @@ def test_plan_reuses_one_buffer_set_per_snapshot_in_flight_and_a_new_plan_finds_
     assert saver._plan.reads and all(any(z is x for x in a + b) for z in _buffers(fourth, keys))
     np.testing.assert_array_equal(fourth.tensors[keys[0]], np.full(1000, 1.0, np.float32))
     fourth.done()
+
+
+def test_warm_snapshots_equal_gathered_ones_and_follow_a_variable_whose_shape_changes(tf, monkeypatch):
+    """Plain variables only: once a buffer set was filled, a save copies into it with no per-variable Python."""
+    from rayhooks import snapshot_plan
+    warm = []
+    real = snapshot_plan.SnapshotPlan._snapshot_warm
+
+    def counting(self, *args):
+        warm.append(1)
+        return real(self, *args)
+    monkeypatch.setattr(snapshot_plan.SnapshotPlan, "_snapshot_warm", counting)
+    variables = {"w": tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3)), "scale": tf.Variable(0.5),
+                 "ids": tf.Variable(np.arange(4, dtype=np.int64)),
+                 "dyn": tf.Variable(np.ones(2), shape=tf.TensorShape(None))}
+    ckpt = tf.train.Checkpoint(**variables)
+    saver = rh.TrackableSaver(ckpt)
+
+    def check(snapshot):
+        gathered = rh.TrackableSaver(ckpt).snapshot()  # a fresh saver gathers through TF
+        try:
+            assert list(snapshot.tensors) == list(gathered.tensors)
+            assert snapshot.nbytes == gathered.nbytes
+            for key, value in gathered.tensors.items():
+                if key == "save_counter/.ATTRIBUTES/VARIABLE_VALUE":
+                    continue  # the fresh saver counted its own save
+                np.testing.assert_array_equal(snapshot.tensors[key], value, err_msg=key)
+                assert snapshot.tensors[key].dtype == value.dtype, key
+        finally:
+            gathered.done()
+
+    for _ in range(3):  # a gather, then a plan save that fills the buffers, then warm ones
+        variables["scale"].assign_add(1.0)
+        snapshot = saver.snapshot()
+        check(snapshot)
+        snapshot.done()
+    assert warm, "no save took the warm path"
+    before = len(warm)
+    variables["dyn"].assign(np.arange(5.0))  # another shape: the buffers no longer fit
+    held = saver.snapshot()
+    assert len(warm) == before, "a buffer of the old shape was used"
+    check(held)
+    variables["w"].assign_add(tf.ones_like(variables["w"]))
+    variables["scale"].assign(-1.0)
+    assert float(held.tensors["scale/.ATTRIBUTES/VARIABLE_VALUE"]) == 3.5, "a later update reached a held snapshot"
+    np.testing.assert_array_equal(held.tensors["dyn/.ATTRIBUTES/VARIABLE_VALUE"], np.arange(5.0))
+    held.done()
+    snapshot = saver.snapshot()
+    assert len(warm) == before + 1, "the refilled buffers were not reused"
+    check(snapshot)
+    snapshot.done()
