@@ -370,7 +370,8 @@ def test_legacy_saveable_is_asked_for_its_tensors_at_every_save(tf, tmp_path, mo
 @pytest.mark.parametrize("one_op", [True, False], ids=["ReadVariablesOp", "ReadVariableOp-each"])
 def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_its_step(tf, tmp_path,
                                                                                        monkeypatch, one_op):
-    from rayhooks import snapshot, snapshot_plan
+    from rayhooks import snapshot_plan
+    from rayhooks.snapshot import final_snapshot
     from tensorflow.python.framework import op_def_registry
     if not one_op:  # a TF without the multi-variable read op: one ReadVariableOp a variable
         real_get = op_def_registry.get
@@ -385,7 +386,7 @@ def test_many_variables_are_read_by_one_traced_function_and_each_snapshot_holds_
     saver = rh.TrackableSaver(ckpt)
     saver.snapshot().done()  # the plan is made here
     plan = saver._plan
-    with snapshot.final_snapshot():  # a run's last save prepares nothing for later ones
+    with final_snapshot():  # a run's last save prepares nothing for later ones
         saver.snapshot().done()
     assert plan.trace_idle.is_set() and plan._read_all is None
     saver.snapshot().done()  # reused: its read function is traced on a thread
