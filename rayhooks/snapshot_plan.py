@@ -240,8 +240,9 @@ class SnapshotPlan:
     Keras variable) with at most two eager ops (`DisableCopyOnRead`,
     `ReadVariableOp`, whose result aliases the variable's buffer), or all of
     them in one call of a traced function, copied straight into a pooled
-    buffer; any other trackable through its own `_serialize_to_tensors` (a TF1-style one through the SaveableObjects TF makes
-    for it), checked to give the keys it gave before, else TF gathers again.
+    buffer; any other trackable through its own `_serialize_to_tensors` (a
+    TF1-style one through the SaveableObjects TF makes for it), checked to give
+    the keys it gave before, else TF gathers again.
     """
 
     def __init__(self, nodes, edges, owners, slots, steps):
